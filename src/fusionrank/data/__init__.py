@@ -1,0 +1,1 @@
+"""Canonical tables, real data sources and their adapters."""
