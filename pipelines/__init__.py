@@ -1,0 +1,1 @@
+"""Pipeline definitions: they only wire components and parameters."""

@@ -1,0 +1,268 @@
+"""Compile the pipeline, run it locally under kfp.local, submit it to a cluster, schedule retraining."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fusionrank import __version__
+from fusionrank.errors import ConfigError, ServiceUnavailable
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+# The embedded default for `make run`: real Home Depot data, sampled so that the whole DAG, MiniLM
+# fine-tuning included, finishes in minutes on a 2-core CPU (STACK-NOTES: ~25 training pairs/s there).
+LOCAL_DEFAULTS: dict[str, object] = {
+    "source": "homedepot",
+    "max_queries": 1500,
+    "max_users": 2000,
+    "candidates_k": 50,
+    "max_eval_requests": 100,
+    "bert_max_train_samples": 250,
+    "bert_batch_size": 32,
+    "bert_max_length": 48,
+}
+FULL_OVERRIDES: dict[str, object] = {
+    "max_queries": 0,
+    "max_users": 0,
+    "candidates_k": 100,
+    "max_eval_requests": 0,
+    "bert_max_train_samples": 0,
+    "bert_batch_size": 64,
+    "bert_max_length": 64,
+}
+STEP_ORDER = (
+    "ingest",
+    "validate",
+    "assert-valid",
+    "split",
+    "features",
+    "candidates",
+    "finetune-bert",
+    "fit-fusion",
+    "evaluate",
+    "drift",
+    "gate",
+    "package",
+    "register",
+    "report-rejection",
+)
+
+
+def git_revision(cwd: Path | None = None) -> str:
+    """The checkout's commit, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True, cwd=cwd
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def parse_params(pairs: list[str]) -> dict[str, object]:
+    """`key=value` strings as pipeline arguments; values are read as YAML (numbers, booleans, mappings)."""
+    from pipelines.training import training_pipeline
+
+    known = set(training_pipeline.component_spec.inputs or {})
+    params: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--param takes key=value, got {pair!r}")
+        if key not in known:
+            raise ConfigError(f"unknown pipeline parameter {key!r}; known: {', '.join(sorted(known))}")
+        params[key] = yaml.safe_load(raw) if raw else ""
+    return params
+
+
+def load_gate_config(path: Path | None) -> dict | None:
+    """A gate config file (YAML or JSON), validated by the gate itself; None when no file is given."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ConfigError(f"{path}: gate config file not found")
+    from fusionrank.gate import GateConfig
+
+    data = yaml.safe_load(path.read_text()) or {}
+    return GateConfig.from_dict(data).to_dict()
+
+
+def compile_pipeline(output: Path) -> Path:
+    """Write the training pipeline's KFP IR YAML to `output`."""
+    from kfp import compiler
+
+    from pipelines.training import training_pipeline
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(training_pipeline, str(output))
+    return output
+
+
+@dataclass
+class LocalRun:
+    """What a local run left behind: where, how long each step took, and the outcome."""
+
+    root: Path
+    run_dir: Path | None
+    outcome: str | None
+    seconds: float
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def artifact(self, task: str, name: str) -> Path | None:
+        """The path of output `name` of `task`, if the task ran."""
+        if self.run_dir is None:
+            return None
+        path = self.run_dir / task / name
+        return path if path.exists() else None
+
+    def ran(self, task: str) -> bool:
+        return self.run_dir is not None and (self.run_dir / task).is_dir()
+
+
+def local_home(home: Path | None = None) -> Path:
+    """The local state folder: registry, BentoML store, run artifacts."""
+    return (home or Path(os.environ.get("FUSIONRANK_HOME", ".fusionrank"))).resolve()
+
+
+def run_local(params: dict[str, object], home: Path | None = None) -> LocalRun:
+    """Run the whole DAG on this machine under kfp.local (SubprocessRunner, the current environment).
+
+    The registry is an SQLite file and the BentoML store a folder, both under `home`; each run's artifacts
+    land under `home/runs/`.
+    """
+    from kfp import local
+
+    from fusionrank.registry import local_registry_uri
+    from pipelines.training import PIPELINE_NAME, training_pipeline
+
+    home = local_home(home)
+    root = home / "runs"
+    root.mkdir(parents=True, exist_ok=True)
+    # Tasks are subprocesses: they inherit these, and read nothing else from this process.
+    os.environ.setdefault("BENTOML_HOME", str(home / "bentoml"))
+    os.environ.setdefault("FUSIONRANK_GIT_REVISION", git_revision())
+    arguments = {
+        "registry_uri": local_registry_uri(home),
+        "model_name": f"fusionrank-{params.get('source', 'homedepot')}",
+    }
+    arguments.update(params)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    before = set(root.glob(f"{PIPELINE_NAME}-*"))
+    started = time.time()
+    outcome, error = None, None
+    try:
+        task = training_pipeline(**arguments)
+        outcome = task.output
+    except RuntimeError as exc:
+        error = ANSI.sub("", str(exc))
+    seconds = time.time() - started
+    created = sorted(set(root.glob(f"{PIPELINE_NAME}-*")) - before)
+    run_dir = created[-1] if created else None
+    return LocalRun(root, run_dir, outcome, seconds, _step_seconds(run_dir, started), error)
+
+
+def _step_seconds(run_dir: Path | None, started: float) -> dict[str, float]:
+    """Each task's wall time, from when its outputs were last written (tasks run one after another)."""
+    if run_dir is None:
+        return {}
+    finished = {}
+    for task_dir in run_dir.iterdir():
+        stamps = [p.stat().st_mtime for p in task_dir.rglob("*")]
+        if stamps:
+            finished[task_dir.name] = max(stamps)
+    seconds, previous = {}, started
+    for name, stamp in sorted(finished.items(), key=lambda item: item[1]):
+        seconds[name] = max(0.0, stamp - previous)
+        previous = stamp
+    return seconds
+
+
+def _client(host: str, namespace: str | None):
+    import kfp
+
+    try:
+        return kfp.Client(host=host, namespace=namespace or "kubeflow")
+    except Exception as exc:  # the constructor's health check raises several connection errors
+        raise ServiceUnavailable(f"Kubeflow Pipelines API at {host} is unreachable: {exc}") from exc
+
+
+def submit(
+    host: str, params: dict[str, object], experiment: str, namespace: str | None, run_name: str | None
+) -> str:
+    """Create a run of the compiled pipeline on a cluster; return its run id."""
+    client = _client(host, namespace)
+    package = compile_pipeline(Path("build") / "fusionrank-pipeline.yaml")
+    params = {"git_revision": git_revision(), **params} if "git_revision" in _inputs() else params
+    result = client.create_run_from_pipeline_package(
+        str(package),
+        arguments=params,
+        run_name=run_name or f"fusionrank-{__version__}-{int(time.time())}",
+        experiment_name=experiment,
+        namespace=namespace,
+        enable_caching=True,
+    )
+    return result.run_id
+
+
+def _inputs() -> set[str]:
+    from pipelines.training import training_pipeline
+
+    return set(training_pipeline.component_spec.inputs or {})
+
+
+def schedule(
+    host: str,
+    cron: str,
+    params: dict[str, object],
+    experiment: str,
+    namespace: str | None,
+    name: str,
+) -> str:
+    """Create or replace the recurring run `name` (one per pipeline, never duplicated); return its id.
+
+    KFP has no update call: the upsert deletes every recurring run of that name in the experiment, then
+    creates one, with at most one run at a time and no catch-up of missed runs.
+    """
+    if len(cron.split()) != 6:
+        raise ConfigError(f"--cron takes six fields, seconds first (e.g. '0 0 3 * * *'), got {cron!r}")
+    client = _client(host, namespace)
+    package = compile_pipeline(Path("build") / "fusionrank-pipeline.yaml")
+    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+    flt = json.dumps({"predicates": [{"key": "display_name", "operation": "EQUALS", "string_value": name}]})
+    existing = client.list_recurring_runs(experiment_id=experiment_id, filter=flt).recurring_runs or []
+    for job in existing:
+        client.delete_recurring_run(job.recurring_run_id)
+    job = client.create_recurring_run(
+        experiment_id=experiment_id,
+        job_name=name,
+        cron_expression=cron,
+        max_concurrency=1,
+        no_catchup=True,
+        params=params,
+        pipeline_package_path=str(package),
+        enable_caching=False,
+    )
+    return job.recurring_run_id
+
+
+def describe_failure(run: LocalRun) -> str:
+    """The reason a local run failed, including the validation summary when the data was bad."""
+    lines = [run.error or "the pipeline failed"]
+    result = run.artifact("validate", "result")
+    if result is not None:
+        outcome = json.loads(result.read_text())
+        if not outcome.get("success", True):
+            from fusionrank.validation import ValidationOutcome
+
+            lines.append(ValidationOutcome.from_dict(outcome).summary())
+            lines.append(f"validation report: {run.artifact('validate', 'report')}")
+    return "\n".join(lines)

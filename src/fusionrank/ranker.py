@@ -1,0 +1,182 @@
+"""The ranker bundle: every fitted part of one model version, and the one path from a request to a ranking.
+
+The pipeline builds its evaluation frames with `signal_frame`, the champion comparison and the server call
+`Ranker.frame` and `Ranker.rank`, and all of them score with `fusion.score_candidates`: training,
+evaluation and serving cannot drift apart.
+
+Bundle layout (a folder; the registry stores it as one artifact, the BentoML model store as one model):
+    manifest.json      mode, signal names, fusion kind, feature service, data hash, metrics
+    products.parquet   product_id, title (catalog for texts and retrieval)
+    signals/<name>/    each traditional signal, saved by the signal itself
+    bert/              the fine-tuned cross-encoder (safetensors + tokenizer)
+    fusion/<kind>/     each fitted fusion model
+    reference.parquet  the validation frame it was fitted on: the drift reference for the next run
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fusionrank.context import Context, RankingExample
+from fusionrank.errors import DataError
+
+SIGNAL_PREFIX = "s_"
+FEATURE_PREFIX = "f_"
+MANIFEST = "manifest.json"
+
+FeatureReader = Callable[[Sequence[RankingExample]], pd.DataFrame]
+
+
+def signal_frame(
+    examples: Sequence[RankingExample],
+    signals: Mapping[str, object],
+    features: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The candidate frame of `examples`: one row per (qid, product_id) with gain and `s_<signal>` columns.
+
+    `features`, when given, holds `qid`, `product_id` and `f_<name>` columns, joined on both keys; rows
+    without features keep NaN, which the fusion treats as missing.
+    """
+    qids = np.repeat([e.qid for e in examples], [len(e.candidates) for e in examples])
+    products = [pid for e in examples for pid in e.candidates]
+    gains = [e.gains.get(pid, 0.0) for e in examples for pid in e.candidates]
+    frame = pd.DataFrame({"qid": qids.astype(str), "product_id": products, "gain": gains})
+    contexts = [e.context for e in examples]
+    candidate_lists = [e.candidates for e in examples]
+    for name, signal in signals.items():
+        scores = signal.score_batch(contexts, candidate_lists)
+        frame[f"{SIGNAL_PREFIX}{name}"] = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    if features is not None and len(features):
+        frame = frame.merge(features, on=["qid", "product_id"], how="left", validate="many_to_one")
+    return frame
+
+
+def contexts_frame(examples: Sequence[RankingExample]) -> pd.DataFrame:
+    """One row per request: qid, query, user_id and history, so a later step can rebuild each `Context`."""
+    return pd.DataFrame(
+        {
+            "qid": [e.qid for e in examples],
+            "query": [e.context.query for e in examples],
+            "user_id": [e.context.user_id for e in examples],
+            "history": [list(e.context.history) for e in examples],
+        }
+    )
+
+
+def examples_from_frames(frame: pd.DataFrame, contexts: pd.DataFrame) -> list[RankingExample]:
+    """Rebuild the `RankingExample`s a candidate frame was made from (candidates in frame order)."""
+    by_qid = {
+        str(row.qid): Context(
+            query=None if pd.isna(row.query) else str(row.query),
+            user_id=None if pd.isna(row.user_id) else str(row.user_id),
+            history=tuple(str(p) for p in row.history),
+        )
+        for row in contexts.itertuples(index=False)
+    }
+    examples = []
+    for qid, rows in frame.groupby("qid", sort=False):
+        if qid not in by_qid:
+            raise DataError(f"candidate frame names request {qid!r} that the contexts table lacks")
+        gains = {p: float(g) for p, g in zip(rows["product_id"], rows["gain"], strict=True) if g > 0}
+        examples.append(RankingExample(context=by_qid[qid], candidates=list(rows["product_id"]), gains=gains))
+    return examples
+
+
+@dataclass
+class Ranker:
+    """A loaded bundle: signals, optional cross-encoder, fusion models and the catalog."""
+
+    directory: Path
+    manifest: dict
+    signals: dict[str, object]
+    fusions: dict[str, object]
+    titles: dict[str, str]
+    bert: object | None = None
+    extra_signals: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, directory: str | Path, load_bert: bool = True) -> Ranker:
+        """Load every part of the bundle in `directory`."""
+        from fusionrank.fusion import FusionModel
+        from fusionrank.signals.base import load_signal
+
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise DataError(f"{directory}: not a ranker bundle (no {MANIFEST})")
+        manifest = json.loads(path.read_text())
+        signals = {name: load_signal(directory / "signals" / name) for name in manifest["signals"]}
+        fusions = {kind: FusionModel.load(directory / "fusion" / kind) for kind in manifest["fusions"]}
+        products = pd.read_parquet(directory / "products.parquet")
+        titles = dict(zip(products["product_id"].astype(str), products["title"].astype(str), strict=True))
+        bert = None
+        if load_bert and (directory / "bert").is_dir():
+            from fusionrank.bert import CrossEncoder
+
+            bert = CrossEncoder.load(directory / "bert")
+        return cls(directory, manifest, signals, fusions, titles, bert)
+
+    @property
+    def mode(self) -> str:
+        return self.manifest["mode"]
+
+    @property
+    def selected(self) -> str:
+        return self.manifest["selected_fusion"]
+
+    def frame(self, examples: Sequence[RankingExample], features: pd.DataFrame | None = None) -> pd.DataFrame:
+        """The candidate frame for `examples` with every signal of this bundle, BERT included."""
+        frame = signal_frame(examples, self.signals, features)
+        if self.bert is not None:
+            frame["s_bert"] = bert_scores(self.bert, examples, self.titles)
+        return frame
+
+    def score(self, frame: pd.DataFrame, fusion: str | None = None) -> pd.DataFrame:
+        """Fused scores and per-signal contributions of a candidate frame (the one scoring function)."""
+        from fusionrank.fusion import score_candidates
+
+        return score_candidates(self.fusions[fusion or self.selected], frame)
+
+
+def bert_scores(bert, examples: Sequence[RankingExample], titles: Mapping[str, str]) -> np.ndarray:
+    """Cross-encoder scores of every (context, candidate) pair of `examples`, in frame order."""
+    from fusionrank.text import context_text, product_text
+
+    contexts, texts = [], []
+    for example in examples:
+        text = context_text(example.context, titles)
+        for pid in example.candidates:
+            contexts.append(text)
+            texts.append(product_text(titles.get(pid, "")))
+    if not contexts:
+        return np.zeros(0, dtype=np.float32)
+    return bert.score(contexts, texts)
+
+
+def write_bundle(
+    directory: str | Path,
+    manifest: dict,
+    products: pd.DataFrame,
+    signals_dir: str | Path,
+    fusion_dir: str | Path,
+    bert_dir: str | Path | None,
+    reference: pd.DataFrame,
+) -> Path:
+    """Assemble a bundle folder from the pipeline's artifacts."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(signals_dir, directory / "signals", dirs_exist_ok=True)
+    shutil.copytree(fusion_dir, directory / "fusion", dirs_exist_ok=True)
+    if bert_dir is not None:
+        shutil.copytree(bert_dir, directory / "bert", dirs_exist_ok=True)
+    products[["product_id", "title"]].to_parquet(directory / "products.parquet", index=False)
+    reference.to_parquet(directory / "reference.parquet", index=False)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    return directory

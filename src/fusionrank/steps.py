@@ -1,0 +1,537 @@
+"""One function per pipeline step, over folders: what each KFP component calls, and what tests call directly.
+
+Each step reads its input folders, calls the library, and writes its output folders; it returns the small
+figures and decisions the pipeline passes on as parameters or metrics. Folder layouts:
+    dataset:  canonical tables (`Tables.write`) + manifest.json
+    splits:   train/valid/test.parquet (judgments or interactions) + split.json
+    frames:   {valid,test}.parquet candidate frames, {valid,test}_contexts.parquet, frames.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fusionrank.context import RankingExample
+from fusionrank.data.contract import Tables
+from fusionrank.errors import ConfigError, ValidationFailed
+from fusionrank.ranker import (
+    contexts_frame,
+    examples_from_frames,
+    signal_frame,
+    write_bundle,
+)
+
+SPLIT_NAMES = ("train", "valid", "test")
+EVAL_SPLITS = ("valid", "test")
+NEGATIVES_PER_USER = 19  # the LLMRank protocol ranks the held-out item among 20 candidates
+
+
+def _write_json(path: str | Path, value: object) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# 1. ingest and validate
+
+
+def ingest_step(
+    source: str, data_dir: str | None, max_queries: int, max_users: int, seed: int, out_dir: str
+) -> dict:
+    """Canonical tables of `source` (sampled when asked) with a lineage manifest."""
+    from fusionrank.data.ingest import ingest
+
+    return ingest(source, out_dir, data_dir=data_dir, max_queries=max_queries, max_users=max_users, seed=seed)
+
+
+def validate_step(dataset_dir: str, report_path: str, result_path: str) -> dict:
+    """Run the expectation suites on a dataset folder; write the HTML report and the JSON result."""
+    from fusionrank.validation import validate_tables
+
+    # Types are checked by the suites, so the raw columns are read as they are.
+    tables = Tables.read(dataset_dir, conform_types=False)
+    sources = {name: str(Path(dataset_dir) / f"{name}.parquet") for name, _ in tables.items()}
+    outcome = validate_tables(tables, sources=sources)
+    outcome.write_html(report_path)
+    outcome.write_json(result_path)
+    return outcome.to_dict()
+
+
+def assert_valid_data(verdict: str, result_path: str) -> None:
+    """Raise ValidationFailed with the summary when validation did not pass."""
+    if verdict == "passed":
+        return
+    from fusionrank.validation import ValidationOutcome
+
+    outcome = ValidationOutcome.from_dict(_read_json(result_path))
+    raise ValidationFailed(f"the input data failed validation; nothing was trained.\n{outcome.summary()}")
+
+
+# 2. splits and features
+
+
+def _mode(tables: Tables) -> str:
+    return tables.modes[0]
+
+
+def split_step(dataset_dir: str, out_dir: str, seed: int, valid_frac: float, test_frac: float) -> dict:
+    """Split by query (search) or leave-last-out per user (recommendation)."""
+    from fusionrank.splits import split_recommendation, split_search
+
+    tables = Tables.read(dataset_dir)
+    mode = _mode(tables)
+    if mode == "search":
+        parts = split_search(tables.judgments, valid_frac=valid_frac, test_frac=test_frac, seed=seed)
+    else:
+        parts = split_recommendation(tables.interactions)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, frame in parts.items():
+        frame.to_parquet(out / f"{name}.parquet", index=False)
+    info = {"mode": mode, "rows": {name: len(frame) for name, frame in parts.items()}}
+    _write_json(out / "split.json", info)
+    return info
+
+
+def read_splits(splits_dir: str | Path) -> tuple[str, dict[str, pd.DataFrame]]:
+    """The mode and the train/valid/test frames a `split_step` wrote."""
+    splits_dir = Path(splits_dir)
+    info = _read_json(splits_dir / "split.json")
+    return info["mode"], {name: pd.read_parquet(splits_dir / f"{name}.parquet") for name in SPLIT_NAMES}
+
+
+def features_step(dataset_dir: str, splits_dir: str, store_dir: str, version: str) -> dict:
+    """Materialize the Feast feature views of this run's data (training data only where it matters)."""
+    from fusionrank.features import materialize_features
+
+    tables = Tables.read(dataset_dir)
+    mode, parts = read_splits(splits_dir)
+    train_tables = Tables(
+        products=tables.products,
+        judgments=parts["train"] if mode == "search" else None,
+        interactions=parts["train"] if mode == "recommendation" else None,
+    )
+    info = materialize_features(train_tables, Path(store_dir), feature_service=f"fusionrank_ranker_{version}")
+    return _plain(info)
+
+
+def _plain(info: object) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    data = asdict(info) if is_dataclass(info) else dict(info)
+    return json.loads(json.dumps(data, default=str))
+
+
+# 3. traditional signals and candidate frames
+
+
+def fit_signals(tables: Tables, mode: str, train: pd.DataFrame) -> dict[str, object]:
+    """The traditional signals of a mode, fitted on the training split only."""
+    from fusionrank.signals.bm25 import BM25Signal
+    from fusionrank.signals.cf import EASESignal, ItemKNNSignal
+    from fusionrank.signals.popularity import PopularitySignal
+
+    if mode == "search":
+        return {
+            "bm25": BM25Signal.fit(tables.products),
+            "popularity": PopularitySignal.fit_judgments(train),
+        }
+    return {
+        "popularity": PopularitySignal.fit(train),
+        "popularity_7d": PopularitySignal.fit(train, window_days=7),
+        "itemknn": ItemKNNSignal.fit(train),
+        "ease": EASESignal.fit(train),
+    }
+
+
+def build_examples(
+    tables: Tables,
+    mode: str,
+    parts: dict[str, pd.DataFrame],
+    signals: dict[str, object],
+    which: str,
+    candidates_k: int,
+    max_requests: int,
+    seed: int,
+) -> list[RankingExample]:
+    """The evaluation requests of split `which`.
+
+    Search: the BM25 top `candidates_k` over the whole catalog (unjudged products count as non-relevant), the
+    realistic task. Recommendation: the held-out item among 19 others, as in the LLMRank protocol; test users
+    listed by the published protocol get its exact lists, others get uniformly sampled negatives.
+    """
+    from fusionrank.splits import recommendation_examples, search_examples
+
+    if mode == "search":
+        split = parts[which]
+        if max_requests:
+            queries = np.sort(split["query"].unique().astype(str))
+            keep = np.random.default_rng(seed).permutation(queries)[:max_requests]
+            split = split[split["query"].isin(set(keep))]
+        return search_examples(
+            split, candidates="retrieved", retriever=signals["bm25"], k=candidates_k, gain_offset=1.0
+        )
+    lists = _protocol_lists(tables, parts, which, seed)
+    examples = recommendation_examples(parts, which=which, candidates=lists)
+    if max_requests and len(examples) > max_requests:
+        order = np.random.default_rng(seed).permutation(len(examples))[:max_requests]
+        examples = [examples[i] for i in sorted(order)]
+    return examples
+
+
+def _protocol_lists(tables: Tables, parts: dict[str, pd.DataFrame], which: str, seed: int) -> dict[str, list]:
+    held_out = parts[which]
+    catalog = tables.products["product_id"].astype(str).to_numpy()
+    rng = np.random.default_rng(seed + (0 if which == "valid" else 1))
+    published: dict[str, list[str]] = {}
+    if which == "test" and tables.eval_candidates is not None:
+        listed = tables.eval_candidates[tables.eval_candidates["protocol"] == "llmrank-6k"]
+        listed = listed.sort_values(["user_id", "position"])
+        published = listed.groupby("user_id")["product_id"].agg(lambda s: list(s.astype(str))).to_dict()
+    lists = {}
+    for user, target in zip(held_out["user_id"].astype(str), held_out["product_id"].astype(str), strict=True):
+        if user in published:
+            others = [p for p in published[user] if p != target][:NEGATIVES_PER_USER]
+        else:
+            drawn = rng.choice(catalog, size=NEGATIVES_PER_USER + 1, replace=False)
+            others = [p for p in drawn if p != target][:NEGATIVES_PER_USER]
+        lists[user] = [target, *others]
+    return lists
+
+
+def candidates_step(
+    dataset_dir: str,
+    splits_dir: str,
+    store_dir: str,
+    signals_dir: str,
+    frames_dir: str,
+    candidates_k: int,
+    max_eval_requests: int,
+    seed: int,
+) -> dict[str, float]:
+    """Fit the traditional signals and write the valid/test candidate frames with signals and features."""
+    from fusionrank.features import feature_frame
+
+    tables = Tables.read(dataset_dir)
+    mode, parts = read_splits(splits_dir)
+    signals = fit_signals(tables, mode, parts["train"])
+    for name, signal in signals.items():
+        signal.save(Path(signals_dir) / name)
+    out = Path(frames_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, float] = {}
+    for which in EVAL_SPLITS:
+        examples = build_examples(tables, mode, parts, signals, which, candidates_k, max_eval_requests, seed)
+        features = feature_frame(store_dir, examples, parts, which)
+        frame = signal_frame(examples, signals, features)
+        frame.to_parquet(out / f"{which}.parquet", index=False)
+        contexts_frame(examples).to_parquet(out / f"{which}_contexts.parquet", index=False)
+        figures[f"{which}_requests"] = float(len(examples))
+        figures[f"{which}_candidates"] = float(len(frame))
+        judged = sum(len(e.gains) for e in examples)
+        found = sum(sum(1 for p in e.candidates if e.gains.get(p, 0) > 0) for e in examples)
+        relevant = sum(sum(1 for g in e.gains.values() if g > 0) for e in examples)
+        figures[f"{which}_candidate_recall"] = found / relevant if relevant else 0.0
+        figures[f"{which}_judged"] = float(judged)
+    _write_json(out / "frames.json", {"mode": mode, "signals": sorted(signals), **figures})
+    return figures
+
+
+def read_frames(frames_dir: str | Path, which: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A split's candidate frame and its contexts table."""
+    frames_dir = Path(frames_dir)
+    return pd.read_parquet(frames_dir / f"{which}.parquet"), pd.read_parquet(
+        frames_dir / f"{which}_contexts.parquet"
+    )
+
+
+# 4. BERT
+
+
+def training_pairs(
+    tables: Tables, mode: str, train: pd.DataFrame, max_groups: int, seed: int, negatives: int = 7
+) -> pd.DataFrame:
+    """Cross-encoder training pairs (context, text, label, group) from the training split only.
+
+    Search: every judged (query, title) pair with its graded relevance as the regression label.
+    Recommendation:
+    for each user, the last training purchase is the positive, the purchases before it the context, and
+    `negatives` products drawn from the catalog the negatives of its group (a listwise loss).
+    """
+    from fusionrank.context import Context
+    from fusionrank.text import context_text, product_text, query_text
+
+    titles = dict(
+        zip(tables.products["product_id"].astype(str), tables.products["title"].astype(str), strict=True)
+    )
+    rng = np.random.default_rng(seed)
+    if mode == "search":
+        rows = train
+        if max_groups and rows["query"].nunique() > max_groups:
+            keep = rng.permutation(np.sort(rows["query"].unique().astype(str)))[:max_groups]
+            rows = rows[rows["query"].isin(set(keep))]
+        return pd.DataFrame(
+            {
+                "context": [query_text(q) for q in rows["query"].astype(str)],
+                "text": [product_text(titles.get(p, "")) for p in rows["product_id"].astype(str)],
+                "label": rows["relevance"].astype(float).to_numpy(),
+                "group": rows["query"].astype(str).to_numpy(),
+            }
+        )
+    ordered = train.sort_values(["user_id", "event_timestamp"], kind="stable")
+    sequences = ordered.groupby("user_id", sort=True)["product_id"].agg(lambda s: list(s.astype(str)))
+    sequences = sequences[sequences.map(len) >= 2]
+    if max_groups and len(sequences) > max_groups:
+        sequences = sequences.iloc[np.sort(rng.permutation(len(sequences))[:max_groups])]
+    catalog = tables.products["product_id"].astype(str).to_numpy()
+    records = []
+    for user, sequence in sequences.items():
+        target, history = sequence[-1], tuple(sequence[:-1])
+        context = context_text(Context(user_id=str(user), history=history), titles)
+        drawn = [p for p in rng.choice(catalog, size=negatives + 1, replace=False) if p != target][:negatives]
+        for pid, label in [(target, 1.0)] + [(p, 0.0) for p in drawn]:
+            records.append((context, product_text(titles.get(pid, "")), label, str(user)))
+    return pd.DataFrame(records, columns=["context", "text", "label", "group"])
+
+
+def _bert_frame(frame: pd.DataFrame, contexts: pd.DataFrame, titles: dict[str, str]) -> pd.DataFrame:
+    """A candidate frame as (context, text, label, group) for the cross-encoder's validation."""
+    from fusionrank.text import context_text, product_text
+
+    texts = {e.qid: context_text(e.context, titles) for e in examples_from_frames(frame, contexts)}
+    return pd.DataFrame(
+        {
+            "context": frame["qid"].map(texts).to_numpy(),
+            "text": [product_text(titles.get(p, "")) for p in frame["product_id"]],
+            "label": frame["gain"].to_numpy(dtype=float),
+            "group": frame["qid"].to_numpy(),
+        }
+    )
+
+
+def finetune_step(
+    dataset_dir: str,
+    splits_dir: str,
+    frames_dir: str,
+    base_model: str,
+    tiny_model: bool,
+    epochs: int,
+    batch_size: int,
+    max_length: int,
+    learning_rate: float,
+    max_train_samples: int,
+    max_steps: int,
+    seed: int,
+    bert_dir: str,
+    scored_dir: str,
+) -> dict[str, float]:
+    """Fine-tune the cross-encoder on the training split, then add `s_bert` to the valid/test frames."""
+    import shutil
+
+    from fusionrank.bert import (
+        CrossEncoder,
+        FinetuneConfig,
+        default_base_model,
+        finetune_cross_encoder,
+        make_tiny_bert,
+    )
+    from fusionrank.ranker import bert_scores
+
+    tables = Tables.read(dataset_dir)
+    mode, parts = read_splits(splits_dir)
+    titles = dict(
+        zip(tables.products["product_id"].astype(str), tables.products["title"].astype(str), strict=True)
+    )
+    if tiny_model:
+        base = make_tiny_bert(Path(bert_dir).parent / "tiny-base")
+    else:
+        base = Path(base_model) if base_model else default_base_model()
+    config = FinetuneConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        max_length=max_length,
+        learning_rate=learning_rate,
+        max_steps=max_steps or None,
+        seed=seed,
+        loss="mse" if mode == "search" else "listwise",
+    )
+    pairs = training_pairs(tables, mode, parts["train"], max_train_samples, seed)
+    valid_frame, valid_contexts = read_frames(frames_dir, "valid")
+    metrics = finetune_cross_encoder(
+        pairs, _bert_frame(valid_frame, valid_contexts, titles), base, bert_dir, config
+    )
+    encoder = CrossEncoder.load(bert_dir)
+    out = Path(scored_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for which in EVAL_SPLITS:
+        frame, contexts = read_frames(frames_dir, which)
+        frame["s_bert"] = bert_scores(encoder, examples_from_frames(frame, contexts), titles)
+        frame.to_parquet(out / f"{which}.parquet", index=False)
+        shutil.copy(Path(frames_dir) / f"{which}_contexts.parquet", out / f"{which}_contexts.parquet")
+    shutil.copy(Path(frames_dir) / "frames.json", out / "frames.json")
+    figures = {"train_pairs": float(len(pairs))}
+    figures.update({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+    return figures
+
+
+# 5. fusion, evaluation, drift, gate
+
+
+def fusion_step(scored_dir: str, fusion_dir: str, cascade_k: int, seed: int) -> dict:
+    """Fit every fusion on the validation frame; select the one the gate and the server use."""
+    from fusionrank.fusion import fit_all
+
+    valid, _ = read_frames(scored_dir, "valid")
+    signals = [c for c in valid.columns if c.startswith(("s_", "f_"))]
+    models = fit_all(valid, signals, cascade_k=cascade_k, seed=seed)
+    for kind, model in models.items():
+        model.save(Path(fusion_dir) / kind)
+    selected = "lambdamart" if "lambdamart" in models else sorted(models)[0]
+    info = {"fusions": sorted(models), "selected": selected, "signals": signals}
+    _write_json(Path(fusion_dir) / "fusion.json", info)
+    return info
+
+
+def evaluate_step(
+    scored_dir: str,
+    fusion_dir: str,
+    registry_uri: str,
+    model_name: str,
+    evaluation_path: str,
+    table_path: str,
+) -> dict[str, float]:
+    """Every single signal and every fusion on the test frame; the candidate against the champion."""
+    from fusionrank.champion import evaluate_candidate
+
+    result = evaluate_candidate(Path(scored_dir), Path(fusion_dir), registry_uri, model_name)
+    _write_json(evaluation_path, result)
+    Path(table_path).write_text(result["markdown"])
+    return {k: float(v) for k, v in result["headline"].items()}
+
+
+def drift_step(
+    scored_dir: str, fusion_dir: str, registry_uri: str, model_name: str, html_path: str, result_path: str
+) -> dict:
+    """Evidently drift of this run's validation frame (features, signals, score) against the champion's."""
+    from fusionrank.champion import drift_against_champion
+
+    result = drift_against_champion(
+        Path(scored_dir), Path(fusion_dir), registry_uri, model_name, Path(html_path)
+    )
+    _write_json(result_path, result)
+    return result
+
+
+def gate_step(evaluation_path: str, drift_path: str, gate_config: dict, decision_path: str) -> dict:
+    """The gate's decision, with every reason, from the evaluation, the drift result and the config."""
+    from fusionrank.gate import GateConfig, decide
+
+    config = GateConfig.from_dict(gate_config)
+    evaluation = _read_json(evaluation_path)
+    drift = _read_json(drift_path)
+    decision = decide(
+        evaluation["candidate"],
+        evaluation.get("champion"),
+        drift if drift.get("checked") else None,
+        config,
+        p_value=evaluation.get("p_value"),
+    )
+    result = decision.to_dict()
+    _write_json(decision_path, result)
+    return result
+
+
+def rejection_summary(decision_path: str, out_path: str) -> None:
+    """A Markdown page saying why the gate rejected the candidate."""
+    decision = _read_json(decision_path)
+    lines = ["# Candidate rejected", "", "Nothing was packaged or registered.", "", "## Reasons", ""]
+    lines += [f"- {reason}" for reason in decision["reasons"]]
+    Path(out_path).write_text("\n".join(lines) + "\n")
+
+
+# 6. package and register
+
+
+def package_step(
+    dataset_dir: str,
+    signals_dir: str,
+    bert_dir: str,
+    fusion_dir: str,
+    store_dir: str,
+    scored_dir: str,
+    data_hash: str,
+    feature_service: str,
+    bundle_dir: str,
+    git_revision: str = "",
+) -> dict:
+    """Assemble the ranker bundle and save it to the BentoML model store; build the Bento when available."""
+    from fusionrank.packaging import save_to_bentoml
+
+    tables = Tables.read(dataset_dir)
+    fusion_info = _read_json(Path(fusion_dir) / "fusion.json")
+    frames_info = _read_json(Path(scored_dir) / "frames.json")
+    valid, _ = read_frames(scored_dir, "valid")
+    manifest = {
+        "mode": frames_info["mode"],
+        "signals": frames_info["signals"],
+        "fusions": fusion_info["fusions"],
+        "selected_fusion": fusion_info["selected"],
+        "fusion_signals": fusion_info["signals"],
+        "feature_service": feature_service,
+        "feature_store": str(Path(store_dir).resolve()),
+        "data_hash": data_hash,
+        "git_revision": git_revision or _git_revision(),
+    }
+    write_bundle(bundle_dir, manifest, tables.products, signals_dir, fusion_dir, bert_dir, valid)
+    return save_to_bentoml(Path(bundle_dir), manifest)
+
+
+def _git_revision() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("FUSIONRANK_GIT_REVISION", "unknown")
+
+
+def register_step(
+    bundle_dir: str,
+    evaluation_path: str,
+    registry_uri: str,
+    model_name: str,
+    run_id: str,
+    bento: str,
+    promote: bool,
+) -> str:
+    """Register the bundle (once per run) and, when asked, promote it to champion."""
+    from fusionrank.registry import Registry
+
+    if not run_id:
+        raise ConfigError("register needs the pipeline run id to keep registration idempotent")
+    manifest = _read_json(Path(bundle_dir) / "manifest.json")
+    evaluation = _read_json(evaluation_path)
+    registry = Registry(registry_uri, model_name)
+    tags = {
+        "data_hash": manifest["data_hash"],
+        "feature_service": manifest["feature_service"],
+        "git_revision": manifest["git_revision"],
+        "bento": bento,
+        "mode": manifest["mode"],
+        "fusion": manifest["selected_fusion"],
+    }
+    version = registry.register(bundle_dir, run_id, tags, metrics=evaluation["candidate"])
+    if promote:
+        registry.promote(version.version)
+    return f"registered:{version.version}"
