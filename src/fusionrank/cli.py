@@ -68,7 +68,8 @@ def main(
 def run_cli() -> None:
     """Entry point that turns expected errors into one clear line and exit code 2, without a traceback."""
     try:
-        app(standalone_mode=False)
+        # without standalone mode click returns a command's exit code instead of exiting with it
+        code = app(standalone_mode=False)
     except FusionrankError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
@@ -84,6 +85,8 @@ def run_cli() -> None:
             exc.show()
             raise SystemExit(exc.exit_code) from None
         raise
+    if isinstance(code, int):
+        raise SystemExit(code)
 
 
 @data_app.command("list")

@@ -70,8 +70,22 @@ def contexts_frame(examples: Sequence[RankingExample]) -> pd.DataFrame:
     )
 
 
-def examples_from_frames(frame: pd.DataFrame, contexts: pd.DataFrame) -> list[RankingExample]:
-    """Rebuild the `RankingExample`s a candidate frame was made from (candidates in frame order)."""
+def qrels_frame(examples: Sequence[RankingExample]) -> pd.DataFrame:
+    """Every judged product of every request (qid, product_id, gain), retrieved or not, so recall counts
+    the judged products a candidate generator missed."""
+    return pd.DataFrame(
+        [(e.qid, pid, float(g)) for e in examples for pid, g in e.gains.items()],
+        columns=["qid", "product_id", "gain"],
+    )
+
+
+def examples_from_frames(
+    frame: pd.DataFrame, contexts: pd.DataFrame, qrels: pd.DataFrame | None = None
+) -> list[RankingExample]:
+    """Rebuild the `RankingExample`s a candidate frame was made from (candidates in frame order).
+
+    Gains come from `qrels` when given (judged products the candidates missed included), else from the frame.
+    """
     by_qid = {
         str(row.qid): Context(
             query=None if pd.isna(row.query) else str(row.query),
@@ -80,11 +94,20 @@ def examples_from_frames(frame: pd.DataFrame, contexts: pd.DataFrame) -> list[Ra
         )
         for row in contexts.itertuples(index=False)
     }
+    judged: dict[str, dict[str, float]] = {}
+    if qrels is not None:
+        for qid, pid, gain in zip(
+            qrels["qid"].astype(str), qrels["product_id"].astype(str), qrels["gain"], strict=True
+        ):
+            judged.setdefault(qid, {})[pid] = float(gain)
     examples = []
     for qid, rows in frame.groupby("qid", sort=False):
         if qid not in by_qid:
             raise DataError(f"candidate frame names request {qid!r} that the contexts table lacks")
-        gains = {p: float(g) for p, g in zip(rows["product_id"], rows["gain"], strict=True) if g > 0}
+        if qrels is not None:
+            gains = judged.get(qid, {})
+        else:
+            gains = {p: float(g) for p, g in zip(rows["product_id"], rows["gain"], strict=True) if g > 0}
         examples.append(RankingExample(context=by_qid[qid], candidates=list(rows["product_id"]), gains=gains))
     return examples
 

@@ -22,11 +22,13 @@ from fusionrank.errors import ConfigError, ValidationFailed
 from fusionrank.ranker import (
     contexts_frame,
     examples_from_frames,
+    qrels_frame,
     signal_frame,
     write_bundle,
 )
 
 SPLIT_NAMES = ("train", "valid", "test")
+STORE_INFO = "feature_store.json"
 EVAL_SPLITS = ("valid", "test")
 NEGATIVES_PER_USER = 19  # the LLMRank protocol ranks the held-out item among 20 candidates
 
@@ -56,8 +58,8 @@ def validate_step(dataset_dir: str, report_path: str, result_path: str) -> dict:
     """Run the expectation suites on a dataset folder; write the HTML report and the JSON result."""
     from fusionrank.validation import validate_tables
 
-    # Types are checked by the suites, so the raw columns are read as they are.
-    tables = Tables.read(dataset_dir, conform_types=False)
+    # Ingest already conformed the types (a wrong type fails there, naming the column and values).
+    tables = Tables.read(dataset_dir)
     sources = {name: str(Path(dataset_dir) / f"{name}.parquet") for name, _ in tables.items()}
     outcome = validate_tables(tables, sources=sources)
     outcome.write_html(report_path)
@@ -120,14 +122,49 @@ def features_step(dataset_dir: str, splits_dir: str, store_dir: str, version: st
         interactions=parts["train"] if mode == "recommendation" else None,
     )
     info = materialize_features(train_tables, Path(store_dir), feature_service=f"fusionrank_ranker_{version}")
-    return _plain(info)
+    _write_json(Path(store_dir) / STORE_INFO, info.to_dict())
+    return info.to_dict()
 
 
-def _plain(info: object) -> dict:
-    from dataclasses import asdict, is_dataclass
+def read_store_info(store_dir: str | Path):
+    """The `FeatureStoreInfo` a `features_step` left in `store_dir`."""
+    from fusionrank.features import FeatureStoreInfo
 
-    data = asdict(info) if is_dataclass(info) else dict(info)
-    return json.loads(json.dumps(data, default=str))
+    return FeatureStoreInfo.from_dict(_read_json(Path(store_dir) / STORE_INFO))
+
+
+def feature_frame(
+    store_dir: str | Path, examples: list[RankingExample], parts: dict[str, pd.DataFrame], which: str
+) -> pd.DataFrame:
+    """Point-in-time features of every (request, candidate) as `f_<name>` columns, keyed by qid and product.
+
+    A search request is asked as of the store's snapshot; a recommendation request just before its
+    held-out event, so no feature can see the event it predicts.
+    """
+    from fusionrank.features import training_frame
+
+    info = read_store_info(store_dir)
+    qids = [e.qid for e in examples for _ in e.candidates]
+    products = [pid for e in examples for pid in e.candidates]
+    entity = pd.DataFrame({"qid": qids, "product_id": products})
+    if examples and examples[0].context.user_id is not None:
+        held_out = parts[which].drop_duplicates("user_id").set_index(parts[which]["user_id"].astype(str))
+        users = [e.context.user_id for e in examples for _ in e.candidates]
+        entity["user_id"] = users
+        entity["event_timestamp"] = held_out.loc[users, "event_timestamp"].to_numpy() - pd.Timedelta(1, "us")
+    else:
+        entity["event_timestamp"] = info.as_of
+    entity["event_timestamp"] = pd.to_datetime(entity["event_timestamp"], utc=True)
+    values = training_frame(info, entity)
+    numeric = [
+        name
+        for name in info.feature_names
+        if name in values.columns and pd.api.types.is_numeric_dtype(values[name])
+    ]
+    out = values[["qid", "product_id"]].copy()
+    for name in numeric:
+        out[f"f_{name}"] = values[name].astype("float64").to_numpy()
+    return out
 
 
 # 3. traditional signals and candidate frames
@@ -140,16 +177,18 @@ def fit_signals(tables: Tables, mode: str, train: pd.DataFrame) -> dict[str, obj
     from fusionrank.signals.popularity import PopularitySignal
 
     if mode == "search":
-        return {
-            "bm25": BM25Signal.fit(tables.products),
-            "popularity": PopularitySignal.fit_judgments(train),
-        }
-    return {
-        "popularity": PopularitySignal.fit(train),
-        "popularity_7d": PopularitySignal.fit(train, window_days=7),
-        "itemknn": ItemKNNSignal.fit(train),
-        "ease": EASESignal.fit(train),
-    }
+        signals = [BM25Signal.fit(tables.products), PopularitySignal.fit_judgments(train)]
+        return {signal.name: signal for signal in signals}
+    counts = train["product_id"].value_counts()
+    # EASE keeps items with enough events to estimate; on a small sample the threshold follows the data.
+    min_count = int(min(10, max(2, counts.quantile(0.9))))
+    signals = [
+        PopularitySignal.fit(train),
+        PopularitySignal.fit(train, window_days=7),
+        ItemKNNSignal.fit(train),
+        EASESignal.fit(train, min_item_count=min_count),
+    ]
+    return {signal.name: signal for signal in signals}
 
 
 def build_examples(
@@ -218,8 +257,6 @@ def candidates_step(
     seed: int,
 ) -> dict[str, float]:
     """Fit the traditional signals and write the valid/test candidate frames with signals and features."""
-    from fusionrank.features import feature_frame
-
     tables = Tables.read(dataset_dir)
     mode, parts = read_splits(splits_dir)
     signals = fit_signals(tables, mode, parts["train"])
@@ -234,6 +271,7 @@ def candidates_step(
         frame = signal_frame(examples, signals, features)
         frame.to_parquet(out / f"{which}.parquet", index=False)
         contexts_frame(examples).to_parquet(out / f"{which}_contexts.parquet", index=False)
+        qrels_frame(examples).to_parquet(out / f"{which}_qrels.parquet", index=False)
         figures[f"{which}_requests"] = float(len(examples))
         figures[f"{which}_candidates"] = float(len(frame))
         judged = sum(len(e.gains) for e in examples)
@@ -375,7 +413,8 @@ def finetune_step(
         frame, contexts = read_frames(frames_dir, which)
         frame["s_bert"] = bert_scores(encoder, examples_from_frames(frame, contexts), titles)
         frame.to_parquet(out / f"{which}.parquet", index=False)
-        shutil.copy(Path(frames_dir) / f"{which}_contexts.parquet", out / f"{which}_contexts.parquet")
+        for extra in ("contexts", "qrels"):
+            shutil.copy(Path(frames_dir) / f"{which}_{extra}.parquet", out / f"{which}_{extra}.parquet")
     shutil.copy(Path(frames_dir) / "frames.json", out / "frames.json")
     figures = {"train_pairs": float(len(pairs))}
     figures.update({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
@@ -478,7 +517,9 @@ def package_step(
     tables = Tables.read(dataset_dir)
     fusion_info = _read_json(Path(fusion_dir) / "fusion.json")
     frames_info = _read_json(Path(scored_dir) / "frames.json")
-    valid, _ = read_frames(scored_dir, "valid")
+    from fusionrank.champion import scored_reference
+
+    reference = scored_reference(Path(scored_dir), Path(fusion_dir))
     manifest = {
         "mode": frames_info["mode"],
         "signals": frames_info["signals"],
@@ -490,7 +531,7 @@ def package_step(
         "data_hash": data_hash,
         "git_revision": git_revision or _git_revision(),
     }
-    write_bundle(bundle_dir, manifest, tables.products, signals_dir, fusion_dir, bert_dir, valid)
+    write_bundle(bundle_dir, manifest, tables.products, signals_dir, fusion_dir, bert_dir, reference)
     return save_to_bentoml(Path(bundle_dir), manifest)
 
 

@@ -96,8 +96,7 @@ def conform(df: pd.DataFrame, spec: TableSpec, source: str) -> pd.DataFrame:
     missing = [c for c in spec.required if c not in df.columns]
     if missing:
         raise DataError(
-            f"{source}: table '{spec.name}' lacks required column(s) {missing}; "
-            f"it has {list(df.columns)}"
+            f"{source}: table '{spec.name}' lacks required column(s) {missing}; it has {list(df.columns)}"
         )
     out = pd.DataFrame(index=pd.RangeIndex(len(df)))
     for col in spec.columns:

@@ -22,13 +22,13 @@ import pandas as pd
 
 from fusionrank.data.contract import (
     EVAL_CANDIDATES,
-    Column,
-    TableSpec,
     INTERACTIONS,
     JUDGMENTS,
     PRODUCTS,
+    Column,
     Mode,
     Tables,
+    TableSpec,
     conform,
 )
 from fusionrank.errors import DataError
@@ -136,7 +136,7 @@ def _amazon_games(paths: dict[str, Path]) -> Tables:
     inter_path = paths["amazon-games/Games-6k.test.inter"]
     users, products_seq, times = [], [], []
     for number, (user, history, last) in enumerate(_tab_rows(inter_path, 3, header=True), start=2):
-        sequence = history.split() + [last]
+        sequence = [*history.split(), last]
         if not last.strip():
             raise DataError(f"{inter_path}: line {number} has an empty last item")
         n = len(sequence)
@@ -160,7 +160,12 @@ def _amazon_games(paths: dict[str, Path]) -> Tables:
             ids = listed.split()
             candidates.append(
                 pd.DataFrame(
-                    {"user_id": user, "product_id": ids, "position": np.arange(len(ids)), "protocol": protocol}
+                    {
+                        "user_id": user,
+                        "product_id": ids,
+                        "position": np.arange(len(ids)),
+                        "protocol": protocol,
+                    }
                 )
             )
     eval_candidates = pd.concat(candidates, ignore_index=True)
@@ -195,11 +200,15 @@ SOURCES: dict[str, Source] = {
     "amazon-games": Source(
         name="amazon-games",
         mode="recommendation",
-        description="Amazon Reviews 2018 Video Games purchase sequences with titles (RecBole / LLMRank Games-6k)",
+        description="Amazon Reviews 2018 Video Games purchase sequences with titles (LLMRank Games-6k)",
         files=tuple(
             SourceFile(f"amazon-games/{name}", sha, size, f"{_GAMES}/{name}")
             for name, sha, size in (
-                ("Games-6k.item", "be9cea58a8de4f940a20b0ad6b58bad46b22fd6f9dbc82d1a1902e1c62e96ade", 837_183),
+                (
+                    "Games-6k.item",
+                    "be9cea58a8de4f940a20b0ad6b58bad46b22fd6f9dbc82d1a1902e1c62e96ade",
+                    837_183,
+                ),
                 (
                     "Games-6k.test.inter",
                     "b241e4c8a52d2d41530fd073296e8bced4b61753e86ed6c51467c657704bab19",
@@ -210,7 +219,11 @@ SOURCES: dict[str, Source] = {
                     "af84810be2c86cc4e7567ebe6355baf78e6e49889ceaa3174769020fd9495f17",
                     2_246_866,
                 ),
-                ("Games-6k.random", "73b8849e0a45c668f1f4ca20ca3e47a835ac591561268662a290575052a9d26f", 3_239_452),
+                (
+                    "Games-6k.random",
+                    "73b8849e0a45c668f1f4ca20ca3e47a835ac591561268662a290575052a9d26f",
+                    3_239_452,
+                ),
                 ("Games.random", "6164a08c41c6914f3ebfeee13469b5b9b373a4305580421ffe4a1ff2bb24d5ed", 107_950),
             )
         ),
@@ -224,7 +237,9 @@ def get_source(name: str) -> Source:
     try:
         return SOURCES[name]
     except KeyError:
-        raise DataError(f"unknown data source {name!r}; known sources: {', '.join(sorted(SOURCES))}") from None
+        raise DataError(
+            f"unknown data source {name!r}; known sources: {', '.join(sorted(SOURCES))}"
+        ) from None
 
 
 def default_data_dir() -> Path:

@@ -1,0 +1,87 @@
+"""The `fusionrank` command as a user runs it: exit codes, readable errors, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+FUSIONRANK = [sys.executable, "-c", "from fusionrank.cli import run_cli; run_cli()"]
+
+
+def fusionrank(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*FUSIONRANK, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_help_lists_every_command() -> None:
+    result = fusionrank("--help")
+    assert result.returncode == 0
+    for command in (
+        "data",
+        "validate",
+        "compile",
+        "run",
+        "submit",
+        "schedule",
+        "models",
+        "promote",
+        "rollback",
+    ):
+        assert command in result.stdout
+
+
+def test_unknown_source_is_one_clear_line() -> None:
+    result = fusionrank("data", "pull", "nope")
+    assert result.returncode == 2
+    assert "unknown data source 'nope'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_names_the_file(tmp_path: Path) -> None:
+    result = fusionrank("validate", "homedepot", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "train.csv.zip: missing file of source 'homedepot'" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+
+
+def test_ingest_then_validate_real_data(tmp_path: Path, data_dir: Path) -> None:
+    out = tmp_path / "hd"
+    result = fusionrank(
+        "data", "ingest", "homedepot", "--out", str(out), "--max-queries", "30", "--data-dir", str(data_dir)
+    )
+    assert result.returncode == 0, result.stderr
+    assert (out / "judgments.parquet").is_file()
+    report = tmp_path / "report"
+    result = fusionrank("validate", f"parquet:{out}", "--out", str(report))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((report / "validation.json").read_text())["success"] is True
+
+
+def test_validate_fails_on_bad_rows_and_says_which(tmp_path: Path) -> None:
+    pd.DataFrame({"product_id": ["a", "b", "b"], "title": ["x", "", "z"]}).astype("string").to_parquet(
+        tmp_path / "products.parquet"
+    )
+    judgments = pd.DataFrame(
+        {"query": ["q"] * 12, "product_id": ["a"] * 11 + ["zz"], "relevance": [2.0] * 12}
+    )
+    judgments.astype({"query": "string", "product_id": "string"}).to_parquet(tmp_path / "judgments.parquet")
+    result = fusionrank("validate", f"parquet:{tmp_path}", "--out", str(tmp_path / "report"))
+    assert result.returncode == 1
+    text = " ".join(result.stdout.split())
+    assert "product_id" in text
+    assert "'zz'" in text
+    assert "title" in text
+    assert (tmp_path / "report" / "validation.html").is_file()
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["promote", "7"], ["rollback"]])
+def test_registry_errors_leave_aliases_alone(tmp_path: Path, command: list[str]) -> None:
+    result = fusionrank(*command, "--home", str(tmp_path), "--model", "m")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert ("no version 7" in result.stderr) or ("no 'previous' version" in result.stderr)
