@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def run_local(params: dict[str, object], home: Path | None = None) -> LocalRun:
     root = home / "runs"
     root.mkdir(parents=True, exist_ok=True)
     # Tasks are subprocesses: they inherit these, and read nothing else from this process.
-    os.environ.setdefault("BENTOML_HOME", str(home / "bentoml"))
+    os.environ["BENTOML_HOME"] = str(home / "bentoml")
     os.environ.setdefault("FUSIONRANK_GIT_REVISION", git_revision())
     arguments = {
         "registry_uri": local_registry_uri(home),
@@ -160,7 +161,12 @@ def run_local(params: dict[str, object], home: Path | None = None) -> LocalRun:
     started = time.time()
     outcome, error = None, None
     try:
-        task = training_pipeline(**arguments)
+        with warnings.catch_warnings():
+            # Expected locally: resources apply on a cluster only, and the tasks run in this environment,
+            # which holds the same fusionrank package as the component image.
+            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+            warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+            task = training_pipeline(**arguments)
         outcome = task.output
     except RuntimeError as exc:
         error = ANSI.sub("", str(exc))

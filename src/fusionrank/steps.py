@@ -121,7 +121,12 @@ def features_step(dataset_dir: str, splits_dir: str, store_dir: str, version: st
         judgments=parts["train"] if mode == "search" else None,
         interactions=parts["train"] if mode == "recommendation" else None,
     )
-    info = materialize_features(train_tables, Path(store_dir), feature_service=f"fusionrank_ranker_{version}")
+    info = materialize_features(
+        train_tables,
+        Path(store_dir),
+        feature_service=f"fusionrank_ranker_{version}",
+        train_judgments=parts["train"] if mode == "search" else None,
+    )
     _write_json(Path(store_dir) / STORE_INFO, info.to_dict())
     return info.to_dict()
 

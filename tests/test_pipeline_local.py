@@ -1,0 +1,114 @@
+"""The whole DAG under kfp.local on small samples of real data with a tiny BERT: which branch ran, and what
+the registry holds afterwards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fusionrank.orchestration import LocalRun, run_local
+from fusionrank.registry import Registry, local_registry_uri
+from pipelines.training import DEFAULT_GATE
+
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "max_queries": 120,
+    "max_users": 300,
+    "candidates_k": 20,
+    "max_eval_requests": 12,
+    "tiny_model": True,
+    "bert_max_steps": 4,
+    "bert_max_train_samples": 30,
+    "bert_batch_size": 16,
+    "bert_max_length": 32,
+}
+
+
+def gate(force: str) -> dict:
+    return {**DEFAULT_GATE, "force": force}
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    return tmp_path_factory.mktemp("fusionrank-home")
+
+
+@pytest.fixture(scope="module")
+def approved(home: Path, data_dir: Path) -> LocalRun:
+    return run_local(
+        {"source": "homedepot", "data_dir": str(data_dir), "gate_config": gate("approve"), **SMALL}, home
+    )
+
+
+@pytest.fixture(scope="module")
+def rejected(home: Path, data_dir: Path, approved: LocalRun) -> LocalRun:
+    return run_local(
+        {"source": "homedepot", "data_dir": str(data_dir), "gate_config": gate("reject"), **SMALL}, home
+    )
+
+
+def registry(home: Path) -> Registry:
+    return Registry(local_registry_uri(home), "fusionrank-homedepot")
+
+
+def test_approved_run_packages_and_registers_a_champion(approved: LocalRun, home: Path) -> None:
+    assert approved.error is None, approved.error
+    assert approved.outcome == "registered:1"
+    assert approved.ran("package")
+    assert approved.ran("register")
+    assert not approved.ran("report-rejection")
+    versions = registry(home).versions()
+    assert [v.version for v in versions] == [1]
+    champion = versions[0]
+    assert "champion" in champion.aliases
+    assert len(champion.tags["data_hash"]) == 64
+    assert champion.tags["feature_service"].startswith("fusionrank_ranker_")
+    assert champion.tags["git_revision"]
+    evaluation = json.loads(approved.artifact("evaluate", "evaluation").read_text())
+    assert 0.0 <= evaluation["candidate"]["ndcg@10"] <= 1.0
+    assert evaluation["champion"] is None
+
+
+def test_rejected_run_registers_nothing_and_says_why(rejected: LocalRun, home: Path) -> None:
+    assert rejected.error is None, rejected.error
+    assert rejected.outcome == "rejected"
+    assert rejected.ran("report-rejection")
+    assert not rejected.ran("package")
+    assert not rejected.ran("register")
+    assert [v.version for v in registry(home).versions()] == [1], "a rejected run must not register"
+    assert registry(home).champion().version == 1, "a rejected run must not touch the champion"
+    decision = json.loads(rejected.artifact("gate", "decision").read_text())
+    assert decision["approved"] is False
+    assert any("force" in reason for reason in decision["reasons"])
+    # the second run compared itself with the first run's champion, on its own test requests
+    evaluation = json.loads(rejected.artifact("evaluate", "evaluation").read_text())
+    assert evaluation["champion_version"] == 1
+    assert evaluation["champion"] is not None
+
+
+def test_invalid_data_stops_at_validation_with_the_report(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    products = pd.DataFrame({"product_id": ["a", "b", "b", "c"], "title": ["x", "y", "z", " "]}).astype(
+        "string"
+    )
+    products.to_parquet(tmp_path / "products.parquet")
+    judgments = pd.DataFrame({"query": ["q1"] * 6 + ["q2"] * 6, "product_id": ["a", "b", "c"] * 4})
+    judgments["relevance"] = [1.0, 2.0, 3.0, 2.0, 2.0, 9.0] * 2
+    judgments.astype({"query": "string", "product_id": "string"}).to_parquet(tmp_path / "judgments.parquet")
+    run = run_local({"source": f"parquet:{tmp_path}", "gate_config": gate("auto"), **SMALL}, home)
+    print(run.error)
+    assert run.error is not None
+    assert "assert-valid" in run.error
+    assert run.artifact("validate", "report") is not None
+    result = json.loads(run.artifact("validate", "result").read_text())
+    assert result["success"] is False
+    failed = {(f["table"], f["column"]) for f in result["failures"]}
+    assert ("products", "product_id") in failed
+    assert ("judgments", "relevance") in failed
+    assert not run.ran("split")
+    assert not run.ran("finetune-bert")
+    assert registry(home).versions() == []
