@@ -175,6 +175,32 @@ def validate(
         raise typer.Exit(1)
 
 
+@app.command()
+def evaluate(
+    dataset: Annotated[str, typer.Argument(help="homedepot or amazon-games.")],
+    data_dir: DataDirOption = None,
+    out: Annotated[Path, typer.Option(help="Folder for report.json and report.md.")] = Path(
+        "reports/baselines"
+    ),
+    max_queries: Annotated[int, typer.Option(help="Sample this many queries (0 = all).")] = 0,
+    max_users: Annotated[int, typer.Option(help="Sample this many users (0 = all).")] = 0,
+) -> None:
+    """The traditional baselines on the test split, beside the published figures (LLMRank, Kaggle)."""
+    from fusionrank.protocols import baseline_report
+
+    baseline_report(
+        dataset,
+        data_dir=data_dir,
+        out_dir=out,
+        max_queries=max_queries,
+        max_users=max_users,
+        log=lambda line: console.print(line, highlight=False),
+    )
+    from rich.markdown import Markdown
+
+    console.print(Markdown((out / "report.md").read_text()))
+
+
 def _json(value: object) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str)
 

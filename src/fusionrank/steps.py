@@ -177,6 +177,7 @@ def feature_frame(
 
 def fit_signals(tables: Tables, mode: str, train: pd.DataFrame) -> dict[str, object]:
     """The traditional signals of a mode, fitted on the training split only."""
+    from fusionrank.protocols import EASE_L2, KNN_RECENCY_DECAY
     from fusionrank.signals.bm25 import BM25Signal
     from fusionrank.signals.cf import EASESignal, ItemKNNSignal
     from fusionrank.signals.popularity import PopularitySignal
@@ -190,8 +191,8 @@ def fit_signals(tables: Tables, mode: str, train: pd.DataFrame) -> dict[str, obj
     signals = [
         PopularitySignal.fit(train),
         PopularitySignal.fit(train, window_days=7),
-        ItemKNNSignal.fit(train),
-        EASESignal.fit(train, min_item_count=min_count),
+        ItemKNNSignal.fit(train, recency_decay=KNN_RECENCY_DECAY),
+        EASESignal.fit(train, l2=EASE_L2, min_item_count=min_count),
     ]
     return {signal.name: signal for signal in signals}
 
