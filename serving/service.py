@@ -1,0 +1,77 @@
+"""The fusionrank ranker as one BentoML service.
+
+POST /rank        one request (query and/or user_id, optional candidates, k); adaptively batched: it awaits
+                  the batchable /rank_batch, which BentoML fills with the requests arriving together.
+POST /rank_batch  the batched model call itself (a list of requests in, a list of rankings out).
+GET /healthz /readyz /livez /metrics come with BentoML.
+
+The model is declared at class scope, so a Bento built from this file carries it. Which model: the `model`
+argument (`bentoml build|serve --arg model=fusionrank-ranker:<version>`; `fusionrank.packaging` pins the
+exact tag), else the newest `fusionrank-ranker`. Deployment settings come from FUSIONRANK_* variables, read
+when the service starts (`fusionrank.serving_logic.ServingSettings`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bentoml
+from pydantic import BaseModel
+
+from fusionrank.packaging import BUNDLE_DIR
+from fusionrank.serving_logic import RankRequest, RankResponse
+
+# Requests one batch may hold, and how long the batcher may hold a request. The batcher answers 503 to a
+# request it expects to wait longer than MAX_LATENCY_MS (see STACK-NOTES): at 10 s, one in 60 requests was
+# refused with MiniLM on a loaded 2-core CPU. Past the request timeout waiting is pointless: the same 60 s.
+MAX_BATCH_SIZE = 32
+REQUEST_TIMEOUT_S = 60
+MAX_LATENCY_MS = REQUEST_TIMEOUT_S * 1000
+
+
+class ServiceArgs(BaseModel):
+    model: str = "fusionrank-ranker:latest"
+
+
+ARGS = bentoml.use_arguments(ServiceArgs)
+
+
+# The internal client that carries /rank's calls to /rank_batch is replaced every 100 requests by default,
+# dropping calls in flight under load: keep one for the life of the worker.
+@bentoml.service(
+    name="fusionrank",
+    runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
+    traffic={"timeout": REQUEST_TIMEOUT_S},
+)
+class FusionRanker:
+    """Ranks products for a query and/or a user with the fused BERT + traditional-signal model."""
+
+    bundle = bentoml.models.BentoModel(ARGS.model)
+
+    def __init__(self) -> None:
+        from fusionrank.ranker import Ranker
+        from fusionrank.serving_logic import RankingLogic, ServingSettings, open_online_store
+
+        settings = ServingSettings.from_env()
+        ranker = Ranker.load(Path(self.bundle.path) / BUNDLE_DIR)
+        self.logic = RankingLogic(ranker, str(self.bundle.tag), open_online_store(ranker, settings), settings)
+        self._limiter = None
+
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def rank_batch(self, requests: list[RankRequest]) -> list[RankResponse]:
+        """Rank several requests in one model call."""
+        return self.logic.rank_batch(requests)
+
+    @bentoml.api
+    async def rank(self, request: RankRequest, /) -> RankResponse:
+        """Rank products for one request."""
+        if self.logic.settings.adaptive_batching:
+            (response,) = await self.to_async.rank_batch([request])
+            return response
+        import anyio
+
+        # Without batching, one request at a time runs the model, as a plain synchronous endpoint would.
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)
+        (response,) = await anyio.to_thread.run_sync(self.logic.rank_batch, [request], limiter=self._limiter)
+        return response

@@ -1,0 +1,463 @@
+"""What the served ranker does with a request, without BentoML: validate, retrieve, look up, score.
+
+`serving/service.py` is a thin BentoML shell over `RankingLogic.rank_batch`. A request becomes a `Context`
+(the history comes from the request or the online store) and candidates (the request's, or retrieved:
+BM25 for a query, item-kNN for a user's history, popularity to fill up and for cold start); the online
+store adds the feature columns; the frame is built and scored by the bundle (`Ranker.frame`,
+`Ranker.score` = `fusion.score_candidates`), the function evaluation uses.
+
+When the online store cannot be read the ranker still answers from the signals it has, and says so
+(`degraded` and its reasons). A cascade fusion runs BERT on its shortlist only, as it was evaluated.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Protocol
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from fusionrank.context import Context, RankingExample
+from fusionrank.errors import ConfigError, FusionrankError, ServiceUnavailable
+from fusionrank.ranker import FEATURE_PREFIX, SIGNAL_PREFIX, Ranker, bert_scores, signal_frame
+
+# One online lookup reads at most 500 products (`features.MAX_LOOKUP_PRODUCTS`): a request stays within it.
+MAX_CANDIDATES = 500
+MAX_K = 100
+MAX_HISTORY = 200
+DEFAULT_RETRIEVE_K = 100
+CONTRIBUTION_PREFIX = "c_"
+# Retrieval fills the candidate list from these signal kinds, in this order (see `retrieve_candidates`).
+POPULARITY_NAME = "popularity"
+UNAVAILABLE = "online feature store unavailable, answered without its features"
+
+ProductId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class RankRequest(BaseModel):
+    """POST /rank: a query, a user, or both; optionally the candidates to rank (retrieved when absent)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    query: Annotated[str, StringConstraints(max_length=1000)] | None = Field(
+        None, description="The search query; leave it out for a recommendation request."
+    )
+    user_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = Field(
+        None, description="The user; their history and features come from the online store."
+    )
+    history: list[ProductId] | None = Field(
+        None,
+        max_length=MAX_HISTORY,
+        description="The user's product ids, oldest first, when the caller knows them (else the store's).",
+    )
+    candidates: list[ProductId] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_CANDIDATES,
+        description="Product ids to rank; leave it out to let the ranker retrieve candidates.",
+    )
+    k: int = Field(10, ge=1, le=MAX_K, description="How many ranked products to return.")
+
+    @model_validator(mode="after")
+    def _query_or_user(self) -> RankRequest:
+        if self.query is None and self.user_id is None:
+            raise ValueError("give a query, a user_id, or both")
+        if self.query is not None and not self.query.strip():
+            raise ValueError("query is empty: send a non-empty query, or leave it out and send a user_id")
+        return self
+
+
+class RankedProduct(BaseModel):
+    """One ranked product: its fused score and each signal's part of it (the parts sum to the score)."""
+
+    product_id: str
+    rank: int
+    score: float
+    contributions: dict[str, float]
+
+
+class ModelInfo(BaseModel):
+    """Which model answered."""
+
+    tag: str
+    mode: str
+    fusion: str
+    feature_service: str = ""
+    data_hash: str = ""
+    git_revision: str = ""
+
+
+class RankResponse(BaseModel):
+    """The ranking, the model that made it, and what it could not use."""
+
+    results: list[RankedProduct]
+    model: ModelInfo
+    degraded: bool = False
+    degraded_reasons: list[str] = Field(default_factory=list)
+    cold_start: bool = False
+    retrieved: bool = False
+    unknown_candidates: list[str] = Field(default_factory=list)
+    duplicate_candidates: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """Deployment settings of the ranker, read when the service starts (never at import)."""
+
+    retrieve_k: int = DEFAULT_RETRIEVE_K
+    feature_repo: Path | None = None
+    feature_store_yaml: Path | None = None
+    store_retry_seconds: float = 30.0
+    adaptive_batching: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.retrieve_k <= MAX_CANDIDATES:
+            raise ConfigError(f"retrieve_k must be between 1 and {MAX_CANDIDATES}, got {self.retrieve_k}")
+        if self.store_retry_seconds < 0:
+            raise ConfigError(f"store_retry_seconds must not be negative, got {self.store_retry_seconds}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
+        """Settings from FUSIONRANK_* variables (FEATURE_REPO, FEATURE_STORE_YAML, RETRIEVE_K,
+        STORE_RETRY_SECONDS, ADAPTIVE_BATCHING=on|off); unset ones keep their defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        try:
+            if "FUSIONRANK_RETRIEVE_K" in env:
+                values["retrieve_k"] = int(env["FUSIONRANK_RETRIEVE_K"])
+            if "FUSIONRANK_STORE_RETRY_SECONDS" in env:
+                values["store_retry_seconds"] = float(env["FUSIONRANK_STORE_RETRY_SECONDS"])
+        except ValueError as exc:
+            raise ConfigError(f"a FUSIONRANK_* serving setting is not a number: {exc}") from exc
+        for key, name in (
+            ("FUSIONRANK_FEATURE_REPO", "feature_repo"),
+            ("FUSIONRANK_FEATURE_STORE_YAML", "feature_store_yaml"),
+        ):
+            if env.get(key):
+                values[name] = Path(env[key])
+        switch = env.get("FUSIONRANK_ADAPTIVE_BATCHING", "on").strip().lower()
+        if switch not in ("on", "off", "true", "false", "1", "0"):
+            raise ConfigError(f"FUSIONRANK_ADAPTIVE_BATCHING must be on or off, got {switch!r}")
+        values["adaptive_batching"] = switch in ("on", "true", "1")
+        return cls(**values)
+
+
+class FeatureSource(Protocol):
+    """The online lookup the ranker needs (`fusionrank.features.OnlineFeatures` is one)."""
+
+    def lookup(self, user_id: str | None, product_ids: Sequence[str]) -> tuple[dict[str, Any], pd.DataFrame]:
+        """The user's features and one row per product id; ServiceUnavailable when unreadable."""
+        ...
+
+
+class ReconnectingStore:
+    """An online store opened on first use; when opening fails, tried again at most every `retry_seconds`.
+
+    So a ranker started while the store is down answers (degraded) at once, and recovers by itself.
+    """
+
+    def __init__(
+        self,
+        opener: Callable[[], FeatureSource],
+        retry_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._opener = opener
+        self._retry_seconds = retry_seconds
+        self._clock = clock
+        self._store: FeatureSource | None = None
+        self._error: str | None = None
+        self._failed_at = -float("inf")
+
+    def lookup(self, user_id: str | None, product_ids: Sequence[str]) -> tuple[dict[str, Any], pd.DataFrame]:
+        return self._open().lookup(user_id, product_ids)
+
+    def _open(self) -> FeatureSource:
+        if self._store is not None:
+            return self._store
+        if self._error is not None and self._clock() - self._failed_at < self._retry_seconds:
+            raise ServiceUnavailable(self._error)
+        try:
+            self._store = self._opener()
+        except FusionrankError as exc:
+            self._error, self._failed_at = str(exc), self._clock()
+            raise ServiceUnavailable(self._error) from exc
+        self._error = None
+        return self._store
+
+
+def open_online_store(ranker: Ranker, settings: ServingSettings) -> FeatureSource | None:
+    """The bundle's online store, opened lazily; None when neither the bundle nor the settings name one.
+
+    The bundle names the features step's folder (`manifest["feature_store"]`), whose `feature_store.json`
+    says where the Feast repository is; `FUSIONRANK_FEATURE_REPO` / `_FEATURE_STORE_YAML` override it (a
+    cluster's Redis store, for instance).
+    """
+    store_dir = ranker.manifest.get("feature_store")
+    if settings.feature_repo is None and not store_dir:
+        return None
+    service = ranker.manifest.get("feature_service") or None
+
+    def opener() -> FeatureSource:
+        from fusionrank.features import DEFAULT_FEATURE_SERVICE, OnlineFeatures
+        from fusionrank.steps import STORE_INFO, read_store_info
+
+        yaml_path = settings.feature_store_yaml
+        if settings.feature_repo is None and (Path(store_dir) / STORE_INFO).is_file():
+            info = read_store_info(store_dir)
+            return OnlineFeatures(info.repo_path, info.feature_service, yaml_path or info.yaml_path)
+        repo = settings.feature_repo or Path(store_dir) / "feature_repo"
+        return OnlineFeatures(repo, service or DEFAULT_FEATURE_SERVICE, yaml_path)
+
+    return ReconnectingStore(opener, settings.store_retry_seconds)
+
+
+@dataclass
+class _Prepared:
+    """A request turned into what the frame needs, and what the response reports."""
+
+    request: RankRequest
+    example: RankingExample
+    features: pd.DataFrame | None
+    reasons: list[str] = field(default_factory=list)
+    cold_start: bool = False
+    retrieved: bool = False
+    unknown: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+
+
+class RankingLogic:
+    """A loaded bundle plus its online store: ranks batches of requests."""
+
+    def __init__(
+        self,
+        ranker: Ranker,
+        model_tag: str,
+        store: FeatureSource | None,
+        settings: ServingSettings | None = None,
+    ) -> None:
+        self.ranker = ranker
+        self.store = store
+        self.settings = settings or ServingSettings()
+        manifest = ranker.manifest
+        self.model = ModelInfo(
+            tag=model_tag,
+            mode=str(manifest.get("mode", "")),
+            fusion=ranker.selected,
+            feature_service=str(manifest.get("feature_service", "")),
+            data_hash=str(manifest.get("data_hash", "")),
+            git_revision=str(manifest.get("git_revision", "")),
+        )
+
+    def rank_batch(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
+        """Rank every request; one frame and one scoring call per group of requests with distinct ids."""
+        prepared = [self._prepare(request) for request in requests]
+        ranked: list[pd.DataFrame | None] = [None] * len(prepared)
+        for group in _distinct_qid_groups(prepared):
+            scored = self._score([prepared[i] for i in group])
+            by_qid = dict(tuple(scored.groupby("qid", sort=False))) if len(scored) else {}
+            for i in group:
+                ranked[i] = by_qid.get(prepared[i].example.qid)
+        return [self._response(p, r) for p, r in zip(prepared, ranked, strict=True)]
+
+    def _prepare(self, request: RankRequest) -> _Prepared:
+        """Context, candidates and feature rows of one request, with one store read when it gives candidates
+        (two when they are retrieved: the history must be known first)."""
+        unknown: list[str] = []
+        duplicates: list[str] = []
+        candidates = None
+        if request.candidates is not None:
+            candidates, unknown, duplicates = _known_candidates(request.candidates, self.ranker.titles)
+        reasons: list[str] = []
+        user: dict[str, Any] = {}
+        products = None
+        store_up = self.store is not None
+        if self.store is None:
+            reasons.append("no online feature store configured: answered without store features")
+        elif request.user_id is not None or candidates:
+            try:
+                user, products = self.store.lookup(request.user_id, candidates or [])
+            except ServiceUnavailable as exc:
+                store_up = False
+                reasons.append(f"{UNAVAILABLE}: {exc}")
+        history = _history(request, user)
+        if request.user_id is not None and not history and not store_up and request.history is None:
+            reasons.append("the user's history could not be read: ranked as a new user")
+        context = Context(query=request.query, user_id=request.user_id, history=history)
+
+        if candidates is None:
+            candidates = retrieve_candidates(self.ranker, context, self.settings.retrieve_k)
+            if store_up and self.store is not None and candidates:
+                try:
+                    _, products = self.store.lookup(None, candidates)
+                except ServiceUnavailable as exc:
+                    reasons.append(f"{UNAVAILABLE}: {exc}")
+        example = RankingExample(context=context, candidates=candidates)
+        features = None
+        if products is not None and candidates:
+            features = online_feature_frame(example.qid, user, products)
+        return _Prepared(
+            request=request,
+            example=example,
+            features=features,
+            reasons=reasons,
+            cold_start=request.user_id is not None and not history,
+            retrieved=request.candidates is None,
+            unknown=unknown,
+            duplicates=duplicates,
+        )
+
+    def _score(self, prepared: Sequence[_Prepared]) -> pd.DataFrame:
+        examples = [p.example for p in prepared if p.example.candidates]
+        if not examples:
+            return pd.DataFrame(columns=["qid", "product_id", "score", "rank"])
+        parts = [p.features for p in prepared if p.features is not None and p.example.candidates]
+        features = pd.concat(parts, ignore_index=True) if parts else None
+        return self.ranker.score(serving_frame(self.ranker, examples, features))
+
+    def _response(self, prepared: _Prepared, scored: pd.DataFrame | None) -> RankResponse:
+        results: list[RankedProduct] = []
+        if scored is not None:
+            top = scored.head(prepared.request.k)
+            columns = [c for c in top.columns if c.startswith(CONTRIBUTION_PREFIX)]
+            for values in top.to_dict("records"):
+                results.append(
+                    RankedProduct(
+                        product_id=str(values["product_id"]),
+                        rank=int(values["rank"]),
+                        score=float(values["score"]),
+                        contributions={
+                            c.removeprefix(CONTRIBUTION_PREFIX): float(values[c]) for c in columns
+                        },
+                    )
+                )
+        return RankResponse(
+            results=results,
+            model=self.model,
+            degraded=bool(prepared.reasons),
+            degraded_reasons=prepared.reasons,
+            cold_start=prepared.cold_start,
+            retrieved=prepared.retrieved,
+            unknown_candidates=prepared.unknown,
+            duplicate_candidates=prepared.duplicates,
+        )
+
+
+def _known_candidates(
+    given: Sequence[str], catalog: Mapping[str, str]
+) -> tuple[list[str], list[str], list[str]]:
+    """The given ids in the catalog (first occurrences, in order), those it lacks, and the repeated ones."""
+    known: list[str] = []
+    unknown: list[str] = []
+    repeated: dict[str, None] = {}
+    seen: set[str] = set()
+    for pid in given:
+        if pid in seen:
+            repeated[pid] = None
+        elif pid in catalog:
+            known.append(pid)
+        else:
+            unknown.append(pid)
+        seen.add(pid)
+    return known, unknown, list(repeated)
+
+
+def _history(request: RankRequest, user: Mapping[str, Any]) -> tuple[str, ...]:
+    """Oldest first: the request's history, else the store's recent products (which are newest first)."""
+    if request.history is not None:
+        return tuple(request.history)
+    recent = user.get("user_recent_products") or ()
+    return tuple(str(p) for p in reversed(list(recent)))
+
+
+def _distinct_qid_groups(prepared: Sequence[_Prepared]) -> list[list[int]]:
+    """Indices split into groups whose requests have distinct ids: a frame's rows are keyed by qid, and two
+    requests for the same query must not be scored as one."""
+    groups: list[list[int]] = []
+    seen: list[set[str]] = []
+    for i, p in enumerate(prepared):
+        qid = p.example.qid
+        for group, qids in zip(groups, seen, strict=True):
+            if qid not in qids:
+                group.append(i)
+                qids.add(qid)
+                break
+        else:
+            groups.append([i])
+            seen.append({qid})
+    return groups
+
+
+def retrieve_candidates(ranker: Ranker, context: Context, k: int) -> list[str]:
+    """Up to `k` catalog products for a request without candidates, best first.
+
+    BM25's hits for the query, then item-kNN's for the user's history, then the most popular products to
+    fill the list: a cold-start user (no history) gets popularity, plus BM25 when there is a query.
+    """
+    from fusionrank.signals.bm25 import BM25Signal
+    from fusionrank.signals.cf import ItemKNNSignal
+    from fusionrank.signals.popularity import PopularitySignal
+
+    signals = list(ranker.signals.values())
+    retrievers: list[Any] = []
+    if context.query:
+        retrievers += [s for s in signals if isinstance(s, BM25Signal)][:1]
+    if context.history:
+        retrievers += [s for s in signals if isinstance(s, ItemKNNSignal)][:1]
+    popular = [s for s in signals if isinstance(s, PopularitySignal)]
+    popular.sort(key=lambda s: (s.name != POPULARITY_NAME, s.name))
+    retrievers += popular[:1]
+
+    picked: dict[str, None] = {}
+    for retriever in retrievers:
+        # ask for more than missing: hits outside the catalog or already picked are skipped
+        for pid, _ in retriever.retrieve(context, k + len(picked)):
+            if pid in ranker.titles and pid not in picked:
+                picked[pid] = None
+                if len(picked) == k:
+                    return list(picked)
+    return list(picked)
+
+
+def online_feature_frame(qid: str, user: Mapping[str, Any], products: pd.DataFrame) -> pd.DataFrame:
+    """One request's feature rows as the candidate frame wants them: qid, product_id, `f_<name>`.
+
+    Numeric features only (the fusion reads numbers); user features are repeated on every product row.
+    """
+    frame = pd.DataFrame({"qid": qid, "product_id": products["product_id"].astype(str).to_numpy()})
+    for name in products.columns:
+        if name != "product_id" and pd.api.types.is_numeric_dtype(products[name]):
+            frame[f"{FEATURE_PREFIX}{name}"] = products[name].to_numpy(dtype=float)
+    for name, value in user.items():
+        if isinstance(value, int | float | np.number) and not isinstance(value, bool):
+            frame[f"{FEATURE_PREFIX}{name}"] = float(value)
+    return frame
+
+
+def serving_frame(
+    ranker: Ranker, examples: Sequence[RankingExample], features: pd.DataFrame | None
+) -> pd.DataFrame:
+    """The candidate frame of `examples`, as `Ranker.frame` builds it, except that under a cascade fusion
+    BERT scores only the cascade's shortlist (the other rows' `s_bert` is never read, and stays NaN)."""
+    fusion = ranker.fusions[ranker.selected]
+    if ranker.bert is None or getattr(fusion, "kind", None) != "cascade":
+        return ranker.frame(examples, features)
+    from fusionrank.fusion import cascade_shortlist
+
+    frame = signal_frame(examples, ranker.signals, features)
+    shortlist = cascade_shortlist(fusion, frame)
+    keep = shortlist.groupby("qid", sort=False)["product_id"].agg(list).to_dict()
+    short = [
+        RankingExample(context=e.context, candidates=keep.get(e.qid, [])) for e in examples if keep.get(e.qid)
+    ]
+    scores = bert_scores(ranker.bert, short, ranker.titles)
+    column = f"{SIGNAL_PREFIX}bert"
+    frame[column] = np.nan
+    frame.loc[shortlist.index, column] = scores
+    return frame
