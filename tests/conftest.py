@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tests never touch the user's BentoML store; BentoML reads its home once per process, at first import.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="fusionrank-test-bentoml-")
 
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",

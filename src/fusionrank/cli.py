@@ -441,6 +441,36 @@ def promote(
 
 
 @app.command()
+def serve(
+    model: ModelOption = "fusionrank-homedepot",
+    version: Annotated[int | None, typer.Option(help="Serve this version instead of the champion.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 3000,
+    registry_uri: RegistryOption = None,
+    home: HomeOption = None,
+) -> None:
+    """Serve the champion (or --version) over HTTP with `bentoml serve`: POST /rank, GET /readyz, /metrics."""
+    import subprocess
+    import sys
+
+    from fusionrank.orchestration import local_home
+
+    registry = _registry(registry_uri, home, model)
+    info = registry.get(version) if version is not None else registry.champion()
+    if info is None:
+        raise FusionrankError(
+            f"model '{model}' has no champion yet; run the pipeline or `fusionrank promote`"
+        )
+    bento = info.tags.get("bento")
+    if not bento:
+        raise FusionrankError(f"{model} version {info.version} names no Bento (tag 'bento' missing)")
+    env = {**os.environ, "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(local_home(home) / "bentoml"))}
+    console.print(f"serving {model} version {info.version} ({bento}) on http://{host}:{port}")
+    bentoml = [sys.executable, "-m", "bentoml", "serve", bento, "--host", host, "--port", str(port)]
+    raise typer.Exit(subprocess.call(bentoml, env=env))
+
+
+@app.command()
 def rollback(
     model: ModelOption = "fusionrank-homedepot", registry_uri: RegistryOption = None, home: HomeOption = None
 ) -> None:

@@ -25,3 +25,7 @@ class RegistryError(FusionrankError):
 
 class ServiceUnavailable(FusionrankError):
     """An external service (online store, registry server, cluster) cannot be reached."""
+
+
+class ContractViolation(FusionrankError):
+    """A built Bento failed its contract check (golden requests, health, batched vs single scores)."""

@@ -517,8 +517,13 @@ def package_step(
     bundle_dir: str,
     git_revision: str = "",
 ) -> dict:
-    """Assemble the ranker bundle and save it to the BentoML model store; build the Bento when available."""
-    from fusionrank.packaging import save_to_bentoml
+    """Assemble the ranker bundle, save it to the BentoML model store, build the Bento and check its contract.
+
+    A Bento that fails the contract check (the InfraValidator equivalent) stops the run here, so nothing
+    that cannot serve is ever registered or promoted.
+    """
+    from fusionrank.errors import ContractViolation
+    from fusionrank.packaging import contract_check, save_to_bentoml
 
     tables = Tables.read(dataset_dir)
     fusion_info = _read_json(Path(fusion_dir) / "fusion.json")
@@ -538,7 +543,13 @@ def package_step(
         "git_revision": git_revision or _git_revision(),
     }
     write_bundle(bundle_dir, manifest, tables.products, signals_dir, fusion_dir, bert_dir, reference)
-    return save_to_bentoml(Path(bundle_dir), manifest)
+    saved = save_to_bentoml(Path(bundle_dir), manifest)
+    check = contract_check(saved["bento"])
+    if not check["passed"]:
+        raise ContractViolation(
+            f"Bento {saved['bento']} failed its contract check: " + "; ".join(check["failures"])
+        )
+    return {**saved, "contract_requests": check["requests"]}
 
 
 def _git_revision() -> str:
