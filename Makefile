@@ -47,3 +47,6 @@ compile: install
 
 clean:
 	rm -rf build runs .fusionrank .pytest_cache .ruff_cache
+
+# `make images`: the component images (Dockerfile targets cpu and gpu), where a Docker engine exists.
+include deploy/images.mk

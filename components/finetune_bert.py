@@ -8,6 +8,7 @@ from components.images import GPU_IMAGE
 def finetune_bert(
     dataset: Input[Dataset],
     splits: Input[Dataset],
+    signals: Input[Model],
     frames: Input[Dataset],
     base_model: str,
     tiny_model: bool,
@@ -28,6 +29,7 @@ def finetune_bert(
     figures = finetune_step(
         dataset.path,
         splits.path,
+        signals.path,
         frames.path,
         base_model,
         tiny_model,

@@ -10,5 +10,5 @@ def fit_fusion(scored_frames: Input[Dataset], cascade_k: int, seed: int, fusion:
     from fusionrank.steps import fusion_step
 
     info = fusion_step(scored_frames.path, fusion.path, cascade_k, seed)
-    fusion.metadata.update(info)
+    fusion.metadata.update({"selected": info["selected"], "selection_ndcg@10": info["selection_ndcg@10"]})
     return info["selected"]

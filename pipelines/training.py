@@ -119,6 +119,7 @@ def training_pipeline(
         finetune_bert(
             dataset=ingest_task.outputs["dataset"],
             splits=split_task.outputs["splits"],
+            signals=candidates_task.outputs["signals"],
             frames=candidates_task.outputs["frames"],
             base_model=base_model,
             tiny_model=tiny_model,

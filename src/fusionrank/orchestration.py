@@ -192,11 +192,20 @@ def _step_seconds(run_dir: Path | None, started: float) -> dict[str, float]:
     return seconds
 
 
+RUN_SERVICE_ACCOUNT = "fusionrank-pipeline-runner"  # manifests/base/pipeline-runs.yaml
+TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
+
+
 def _client(host: str, namespace: str | None):
     import kfp
 
+    credentials = None
+    token = os.environ.get(TOKEN_PATH_ENV)
+    if token and Path(token).is_file():
+        # Multi-user Kubeflow: in the cluster, authenticate with the pod's projected service-account token.
+        credentials = kfp.client.ServiceAccountTokenVolumeCredentials(path=token)
     try:
-        return kfp.Client(host=host, namespace=namespace or "kubeflow")
+        return kfp.Client(host=host, namespace=namespace or "kubeflow", credentials=credentials)
     except Exception as exc:  # the constructor's health check raises several connection errors
         raise ServiceUnavailable(f"Kubeflow Pipelines API at {host} is unreachable: {exc}") from exc
 
@@ -215,6 +224,7 @@ def submit(
         experiment_name=experiment,
         namespace=namespace,
         enable_caching=True,
+        service_account=RUN_SERVICE_ACCOUNT,
     )
     return result.run_id
 
@@ -256,6 +266,7 @@ def schedule(
         params=params,
         pipeline_package_path=str(package),
         enable_caching=False,
+        service_account=RUN_SERVICE_ACCOUNT,
     )
     return job.recurring_run_id
 

@@ -31,6 +31,8 @@ SPLIT_NAMES = ("train", "valid", "test")
 STORE_INFO = "feature_store.json"
 EVAL_SPLITS = ("valid", "test")
 NEGATIVES_PER_USER = 19  # the LLMRank protocol ranks the held-out item among 20 candidates
+# Search gains are relevance - 1 (Home Depot's scale starts at 1 = irrelevant), in evaluation and training.
+SEARCH_GAIN_OFFSET = 1.0
 
 
 def _write_json(path: str | Path, value: object) -> None:
@@ -222,7 +224,11 @@ def build_examples(
             keep = np.random.default_rng(seed).permutation(queries)[:max_requests]
             split = split[split["query"].isin(set(keep))]
         return search_examples(
-            split, candidates="retrieved", retriever=signals["bm25"], k=candidates_k, gain_offset=1.0
+            split,
+            candidates="retrieved",
+            retriever=signals["bm25"],
+            k=candidates_k,
+            gain_offset=SEARCH_GAIN_OFFSET,
         )
     lists = _protocol_lists(tables, parts, which, seed)
     examples = recommendation_examples(parts, which=which, candidates=lists)
@@ -301,14 +307,24 @@ def read_frames(frames_dir: str | Path, which: str) -> tuple[pd.DataFrame, pd.Da
 
 
 def training_pairs(
-    tables: Tables, mode: str, train: pd.DataFrame, max_groups: int, seed: int, negatives: int = 7
+    tables: Tables,
+    mode: str,
+    train: pd.DataFrame,
+    max_groups: int,
+    seed: int,
+    retriever: object | None = None,
+    negatives: int = 7,
+    hard_pool: int = 30,
 ) -> pd.DataFrame:
     """Cross-encoder training pairs (context, text, label, group) from the training split only.
 
-    Search: every judged (query, title) pair with its graded relevance as the regression label.
-    Recommendation:
-    for each user, the last training purchase is the positive, the purchases before it the context, and
-    `negatives` products drawn from the catalog the negatives of its group (a listwise loss).
+    Labels are on the gain scale evaluation uses. Search: every judged (query, title) pair with its graded
+    gain (relevance - 1), plus `negatives` products the retriever (BM25) ranks in its top `hard_pool` for the
+    query but nobody judged, as gain 0: the evaluation ranks retrieved candidates, most of them unjudged, so
+    BERT must learn to push those down, which judged pairs alone (mostly relevant) never show it.
+    Recommendation: for each user, the last training purchase is the positive (1), the purchases before it
+    the context, and `negatives` products as 0, half from the retriever's (item-kNN) top `hard_pool` for
+    that history, half drawn from the catalog (a listwise group).
     """
     from fusionrank.context import Context
     from fusionrank.text import context_text, product_text, query_text
@@ -316,33 +332,44 @@ def training_pairs(
     titles = dict(
         zip(tables.products["product_id"].astype(str), tables.products["title"].astype(str), strict=True)
     )
+    catalog = tables.products["product_id"].astype(str).to_numpy()
     rng = np.random.default_rng(seed)
+
+    def hard(context: Context, exclude: set[str], count: int) -> list[str]:
+        if retriever is None or count <= 0:
+            return []
+        pool = [pid for pid, _ in retriever.retrieve(context, hard_pool) if pid not in exclude]
+        return list(rng.permutation(pool)[:count]) if pool else []
+
+    records: list[tuple[str, str, float, str]] = []
     if mode == "search":
         rows = train
         if max_groups and rows["query"].nunique() > max_groups:
             keep = rng.permutation(np.sort(rows["query"].unique().astype(str)))[:max_groups]
             rows = rows[rows["query"].isin(set(keep))]
-        return pd.DataFrame(
-            {
-                "context": [query_text(q) for q in rows["query"].astype(str)],
-                "text": [product_text(titles.get(p, "")) for p in rows["product_id"].astype(str)],
-                "label": rows["relevance"].astype(float).to_numpy(),
-                "group": rows["query"].astype(str).to_numpy(),
-            }
-        )
+        for query, judged in rows.groupby("query", sort=True):
+            text = query_text(str(query))
+            ids = judged["product_id"].astype(str).tolist()
+            gains = (judged["relevance"].to_numpy(dtype=float) - SEARCH_GAIN_OFFSET).clip(min=0.0)
+            pairs = list(zip(ids, gains, strict=True))
+            pairs += [(pid, 0.0) for pid in hard(Context(query=str(query)), set(ids), negatives)]
+            records += [(text, product_text(titles.get(pid, "")), float(g), str(query)) for pid, g in pairs]
+        return pd.DataFrame(records, columns=["context", "text", "label", "group"])
     ordered = train.sort_values(["user_id", "event_timestamp"], kind="stable")
     sequences = ordered.groupby("user_id", sort=True)["product_id"].agg(lambda s: list(s.astype(str)))
     sequences = sequences[sequences.map(len) >= 2]
     if max_groups and len(sequences) > max_groups:
         sequences = sequences.iloc[np.sort(rng.permutation(len(sequences))[:max_groups])]
-    catalog = tables.products["product_id"].astype(str).to_numpy()
-    records = []
     for user, sequence in sequences.items():
         target, history = sequence[-1], tuple(sequence[:-1])
-        context = context_text(Context(user_id=str(user), history=history), titles)
-        drawn = [p for p in rng.choice(catalog, size=negatives + 1, replace=False) if p != target][:negatives]
-        for pid, label in [(target, 1.0)] + [(p, 0.0) for p in drawn]:
-            records.append((context, product_text(titles.get(pid, "")), label, str(user)))
+        context = Context(user_id=str(user), history=history)
+        text = context_text(context, titles)
+        exclude = {target, *history}
+        picked = hard(context, exclude, negatives // 2)
+        drawn = [p for p in rng.choice(catalog, size=negatives * 2, replace=False) if p not in exclude]
+        picked += [p for p in drawn if p not in picked][: negatives - len(picked)]
+        for pid, label in [(target, 1.0)] + [(p, 0.0) for p in picked]:
+            records.append((text, product_text(titles.get(pid, "")), label, str(user)))
     return pd.DataFrame(records, columns=["context", "text", "label", "group"])
 
 
@@ -364,6 +391,7 @@ def _bert_frame(frame: pd.DataFrame, contexts: pd.DataFrame, titles: dict[str, s
 def finetune_step(
     dataset_dir: str,
     splits_dir: str,
+    signals_dir: str,
     frames_dir: str,
     base_model: str,
     tiny_model: bool,
@@ -407,7 +435,10 @@ def finetune_step(
         seed=seed,
         loss="mse" if mode == "search" else "listwise",
     )
-    pairs = training_pairs(tables, mode, parts["train"], max_train_samples, seed)
+    from fusionrank.signals.base import load_signal
+
+    retriever = load_signal(Path(signals_dir) / ("bm25" if mode == "search" else "item_knn"))
+    pairs = training_pairs(tables, mode, parts["train"], max_train_samples, seed, retriever=retriever)
     valid_frame, valid_contexts = read_frames(frames_dir, "valid")
     metrics = finetune_cross_encoder(
         pairs, _bert_frame(valid_frame, valid_contexts, titles), base, bert_dir, config
@@ -431,16 +462,37 @@ def finetune_step(
 
 
 def fusion_step(scored_dir: str, fusion_dir: str, cascade_k: int, seed: int) -> dict:
-    """Fit every fusion on the validation frame; select the one the gate and the server use."""
-    from fusionrank.fusion import fit_all
+    """Fit every fusion on the validation frame, and select the one the gate and the server use.
+
+    Selection is honest: each strategy is fitted on two thirds of the validation requests and scored
+    (NDCG@10) on the other third; the winner, like every strategy, is then refitted on all of them.
+    """
+    from fusionrank.fusion import fit_all, ranking_metrics, score_candidates
 
     valid, _ = read_frames(scored_dir, "valid")
     signals = [c for c in valid.columns if c.startswith(("s_", "f_"))]
+    qids = np.sort(valid["qid"].unique().astype(str))
+    held = set(np.random.default_rng(seed).permutation(qids)[: len(qids) // 3])
+    selection: dict[str, float] = {}
+    if len(held) >= 3:
+        in_held = valid["qid"].astype(str).isin(held)
+        trial = fit_all(valid[~in_held].reset_index(drop=True), signals, cascade_k=cascade_k, seed=seed)
+        part = valid[in_held].reset_index(drop=True)
+        for kind, model in trial.items():
+            selection[kind] = float(
+                ranking_metrics(score_candidates(model, part), "score", ["ndcg@10"])["ndcg@10"]
+            )
     models = fit_all(valid, signals, cascade_k=cascade_k, seed=seed)
     for kind, model in models.items():
         model.save(Path(fusion_dir) / kind)
-    selected = "lambdamart" if "lambdamart" in models else sorted(models)[0]
-    info = {"fusions": sorted(models), "selected": selected, "signals": signals}
+    # Too few requests to hold any out: the weighted fusion, which has the fewest parameters to overfit.
+    selected = max(selection, key=selection.get) if selection else "weighted"
+    info = {
+        "fusions": sorted(models),
+        "selected": selected,
+        "signals": signals,
+        "selection_ndcg@10": selection,
+    }
     _write_json(Path(fusion_dir) / "fusion.json", info)
     return info
 
