@@ -201,6 +201,55 @@ def evaluate(
     console.print(Markdown((out / "report.md").read_text()))
 
 
+@app.command()
+def finetune(
+    source: Annotated[str, typer.Argument(help="homedepot, amazon-games, or parquet:DIR.")],
+    out: Annotated[Path, typer.Option(help="Folder for the checkpoint (out/model) and its training.json.")],
+    data_dir: DataDirOption = None,
+    max_queries: Annotated[int, typer.Option(help="Sample this many queries first (0 = all).")] = 0,
+    max_users: Annotated[int, typer.Option(help="Sample this many users first (0 = all).")] = 0,
+    max_train_samples: Annotated[int, typer.Option(help="Training queries/users to use (0 = all).")] = 0,
+    epochs: int = 1,
+    batch_size: int = 32,
+    max_length: int = 64,
+    learning_rate: float = 3e-4,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many steps (0 = no limit).")] = 0,
+    base_model: Annotated[
+        Path | None, typer.Option(help="Pretrained model folder (default: MiniLM).")
+    ] = None,
+    tiny: Annotated[bool, typer.Option("--tiny", help="A tiny random BERT (smoke runs).")] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    seed: int = 0,
+) -> None:
+    """Fine-tune the BERT cross-encoder on a source, as the pipeline's finetune step does."""
+    from fusionrank.bert import FinetuneConfig
+    from fusionrank.steps import finetune_source
+
+    config = FinetuneConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        max_length=max_length,
+        learning_rate=learning_rate,
+        max_steps=max_steps or None,
+        compile=compile_model,
+        seed=seed,
+    )
+    metrics = finetune_source(
+        source,
+        out,
+        config,
+        data_dir=data_dir,
+        max_queries=max_queries,
+        max_users=max_users,
+        max_train_samples=max_train_samples,
+        base_model=base_model,
+        tiny=tiny,
+        seed=seed,
+    )
+    console.print(_json({k: v for k, v in metrics.items() if not isinstance(v, list | dict)}))
+    console.print(f"checkpoint: {out / 'model'}")
+
+
 def _json(value: object) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str)
 

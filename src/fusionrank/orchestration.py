@@ -26,9 +26,11 @@ LOCAL_DEFAULTS: dict[str, object] = {
     "max_users": 2000,
     "candidates_k": 50,
     "max_eval_requests": 100,
-    "bert_max_train_samples": 250,
+    "bert_max_train_samples": 150,
     "bert_batch_size": 32,
     "bert_max_length": 48,
+    # few steps on a CPU sample: a higher rate than the full GPU run's (benchmarks/bert_quality.py)
+    "bert_learning_rate": 3e-4,
 }
 FULL_OVERRIDES: dict[str, object] = {
     "max_queries": 0,
@@ -38,6 +40,8 @@ FULL_OVERRIDES: dict[str, object] = {
     "bert_max_train_samples": 0,
     "bert_batch_size": 64,
     "bert_max_length": 64,
+    "bert_learning_rate": 1e-4,
+    "bert_epochs": 2,
 }
 STEP_ORDER = (
     "ingest",

@@ -9,6 +9,7 @@ figures and decisions the pipeline passes on as parameters or metrics. Folder la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -371,6 +372,52 @@ def training_pairs(
         for pid, label in [(target, 1.0)] + [(p, 0.0) for p in picked]:
             records.append((text, product_text(titles.get(pid, "")), label, str(user)))
     return pd.DataFrame(records, columns=["context", "text", "label", "group"])
+
+
+def finetune_source(
+    source: str,
+    out_dir: str | Path,
+    config,
+    data_dir: str | Path | None = None,
+    max_queries: int = 0,
+    max_users: int = 0,
+    max_train_samples: int = 0,
+    max_valid_samples: int = 200,
+    base_model: str | Path | None = None,
+    tiny: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Fine-tune the cross-encoder on a source outside the pipeline (`fusionrank finetune`).
+
+    The same splits, retrievers and pairs as the pipeline: training pairs from the training split with hard
+    negatives, early stopping on pairs from the validation split; the checkpoint lands in `out_dir/model`.
+    """
+    from fusionrank.bert import default_base_model, finetune_cross_encoder, make_tiny_bert
+    from fusionrank.data.ingest import load_tables
+    from fusionrank.data.sources import sample
+    from fusionrank.signals.bm25 import BM25Signal
+    from fusionrank.signals.cf import ItemKNNSignal
+    from fusionrank.splits import split_recommendation, split_search
+
+    tables = sample(load_tables(source, data_dir)[0], max_queries=max_queries, max_users=max_users, seed=seed)
+    mode = _mode(tables)
+    config = dataclasses.replace(config, loss="mse" if mode == "search" else "listwise")
+    out = Path(out_dir)
+    if mode == "search":
+        parts = split_search(tables.judgments, seed=seed)
+        retriever = BM25Signal.fit(tables.products)
+        valid_events = parts["valid"]
+    else:
+        parts = split_recommendation(tables.interactions)
+        retriever = ItemKNNSignal.fit(parts["train"])
+        # each validation user's sequence up to the held-out event: its last event is the positive
+        valid_users = set(parts["valid"]["user_id"])
+        valid_events = pd.concat([parts["train"], parts["valid"]])
+        valid_events = valid_events[valid_events["user_id"].isin(valid_users)]
+    train = training_pairs(tables, mode, parts["train"], max_train_samples, seed, retriever=retriever)
+    valid = training_pairs(tables, mode, valid_events, max_valid_samples, seed + 1, retriever=retriever)
+    base = make_tiny_bert(out / "tiny-base") if tiny else Path(base_model or default_base_model())
+    return finetune_cross_encoder(train, valid, base, out / "model", config)
 
 
 def _bert_frame(frame: pd.DataFrame, contexts: pd.DataFrame, titles: dict[str, str]) -> pd.DataFrame:
