@@ -1,0 +1,693 @@
+"""Fusion of ranking signals: weighted, cascade and LambdaMART, and THE one function that scores candidates.
+
+Every step works on a candidate frame: one row per (qid, product_id), rows of one qid contiguous, a float
+`gain` (0 for non-relevant or unjudged) and raw signal columns (`s_<name>`) and feature columns
+(`f_<name>`). Fitting uses the validation split's frame, which the cross-encoder never trained on.
+
+`score_candidates` is the only way a fitted fusion turns a frame into a ranking; evaluation and the server
+both call it. It returns, beside the fused `score`, one contribution column per signal whose sum is the
+score: `c_<name>` for `s_<name>`, `c_<column>` for any other column (e.g. `c_f_pop_7d`), and `c_bias` for
+the part no signal explains (LightGBM's bias term, the cascade's tier offset).
+
+A fitted fusion saves itself as JSON plus, for LambdaMART, LightGBM's own text model: no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from fusionrank.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import lightgbm
+
+FusionKind = Literal["weighted", "cascade", "lambdamart"]
+KINDS: tuple[str, ...] = ("weighted", "cascade", "lambdamart")
+NORMALIZATIONS: tuple[str, ...] = ("minmax", "zscore", "rank")
+SIGNAL_PREFIX = "s_"
+BIAS_COLUMN = "c_bias"
+MODEL_FILE = "fusion.json"
+BOOSTER_FILE = "lambdamart.txt"
+FIRST_STAGE_DIR = "first_stage"
+FORMAT_VERSION = 1
+FIT_METRIC = "ndcg@10"
+# Relative weights a coordinate step may give one signal while the others keep theirs. Ranking is invariant
+# to scaling all weights, so a grid of ratios around the current weights covers the useful range.
+WEIGHT_GRID: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+# Distinct gain levels LambdaMART accepts; more means a continuous gain that should be graded first.
+MAX_LABEL_LEVELS = 256
+LAMBDAMART_DEFAULTS: dict[str, Any] = {
+    "objective": "lambdarank",
+    "n_estimators": 500,
+    "learning_rate": 0.05,
+    "num_leaves": 31,
+    "min_child_samples": 20,
+    "deterministic": True,
+    "force_row_wise": True,
+    "verbose": -1,
+}
+EARLY_STOPPING_ROUNDS = 50
+
+
+@dataclass
+class FusionModel:
+    """A fitted fusion: which columns it reads and the parameters of its kind.
+
+    weighted: per-query `normalization` of each signal, then the sum of `weights[signal] * normalized`.
+    cascade: `first_stage` ranks every candidate; its top `k` per query are re-ranked by `rerank_signal`
+    alone and placed above the rest, which keep the first stage's order.
+    lambdamart: a LightGBM lambdarank `booster` over `signals` (missing values handled by the trees).
+    """
+
+    kind: FusionKind
+    signals: list[str]
+    normalization: str = "minmax"
+    weights: dict[str, float] = field(default_factory=dict)
+    first_stage: FusionModel | None = None
+    rerank_signal: str | None = None
+    k: int | None = None
+    booster: lightgbm.Booster | None = None
+    fit_info: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> None:
+        """Write the model under `directory`: fusion.json, plus LightGBM's text model or the first stage."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        spec = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "signals": list(self.signals),
+            "normalization": self.normalization,
+            "weights": dict(self.weights),
+            "rerank_signal": self.rerank_signal,
+            "k": self.k,
+            "fit_info": self.fit_info,
+        }
+        if self.kind == "lambdamart":
+            if self.booster is None:
+                raise DataError("a lambdamart fusion without a booster cannot be saved")
+            self.booster.save_model(str(directory / BOOSTER_FILE))
+        if self.kind == "cascade":
+            if self.first_stage is None:
+                raise DataError("a cascade fusion without a first stage cannot be saved")
+            self.first_stage.save(directory / FIRST_STAGE_DIR)
+        (directory / MODEL_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True, default=_json_default))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FusionModel:
+        """Read a model written by `save`; DataError naming the file when it is missing or malformed."""
+        directory = Path(directory)
+        path = directory / MODEL_FILE
+        if not path.is_file():
+            raise DataError(f"{directory}: not a saved fusion model (no {MODEL_FILE})")
+        try:
+            spec = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc})") from exc
+        if spec.get("format_version") != FORMAT_VERSION:
+            raise DataError(
+                f"{path}: fusion format version {spec.get('format_version')!r}; "
+                f"this code reads version {FORMAT_VERSION}"
+            )
+        kind = spec.get("kind")
+        if kind not in KINDS:
+            raise DataError(f"{path}: unknown fusion kind {kind!r}; known kinds: {', '.join(KINDS)}")
+        booster = None
+        first_stage = None
+        if kind == "lambdamart":
+            import lightgbm
+
+            booster_path = directory / BOOSTER_FILE
+            if not booster_path.is_file():
+                raise DataError(f"{directory}: lambdamart fusion lacks its LightGBM model {BOOSTER_FILE}")
+            try:
+                booster = lightgbm.Booster(model_file=str(booster_path))
+            except lightgbm.basic.LightGBMError as exc:
+                raise DataError(f"{booster_path}: not a LightGBM text model ({exc})") from exc
+        if kind == "cascade":
+            first_stage = cls.load(directory / FIRST_STAGE_DIR)
+        return cls(
+            kind=kind,
+            signals=list(spec["signals"]),
+            normalization=spec.get("normalization", "minmax"),
+            weights={str(s): float(w) for s, w in spec.get("weights", {}).items()},
+            first_stage=first_stage,
+            rerank_signal=spec.get("rerank_signal"),
+            k=spec.get("k"),
+            booster=booster,
+            fit_info=spec.get("fit_info", {}),
+        )
+
+
+def tie_keys(qid: Sequence[str] | pd.Series, product_id: Sequence[str] | pd.Series) -> np.ndarray:
+    """The order of equal scores: a fixed hash of (request, product), lowest first.
+
+    The evaluation harness orders ties the same way, so a served ranking and its evaluated figures agree,
+    and neither the candidate order nor where a held-out item was placed can favour a ranker.
+    """
+    return np.fromiter(
+        (zlib.crc32(f"{q}\x1f{p}".encode()) for q, p in zip(qid, product_id, strict=True)),
+        dtype=np.int64,
+        count=len(qid),
+    )
+
+
+def contribution_column(column: str) -> str:
+    """The contribution column of a frame column: `s_bm25` -> `c_bm25`, `f_pop_7d` -> `c_f_pop_7d`."""
+    name = column.removeprefix(SIGNAL_PREFIX)
+    return f"c_{name}"
+
+
+def fit_weighted(
+    frame: pd.DataFrame,
+    signals: Sequence[str],
+    normalization: str = "minmax",
+    metric: str = FIT_METRIC,
+    max_rounds: int = 4,
+) -> FusionModel:
+    """Per-query normalisation plus non-negative weights tuned on `frame` to maximise `metric` (ranx).
+
+    Coordinate ascent over a grid of relative weights, started from the best single signal, so the fused
+    ranking scores at least as well as every single signal on `frame`. A missing value contributes 0.
+    """
+    signals = _check_signals(signals)
+    if normalization not in NORMALIZATIONS:
+        raise ConfigError(
+            f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}"
+        )
+    _check_frame(frame, signals, need_gain=True)
+    objective = _Objective(frame, metric)
+    codes = _query_codes(frame)
+    matrix = _normalize(_signal_matrix(frame, signals), codes, normalization)
+    singles = {s: objective(matrix[:, j]) for j, s in enumerate(signals)}
+    best_signal = max(signals, key=lambda s: singles[s])
+    weights = np.array([1.0 if s == best_signal else 0.0 for s in signals])
+    best = singles[best_signal]
+    # a column constant inside every query cannot change any ranking: it keeps weight 0 unsearched
+    spread = _group_reduce(np.fmax, matrix, codes, -np.inf) - _group_reduce(np.fmin, matrix, codes, np.inf)
+    searched = [j for j in range(len(signals)) if (spread[:, j] > 0).any()]
+    for _ in range(max_rounds):
+        improved = False
+        for j in searched:
+            current = weights[j]
+            for value in WEIGHT_GRID:
+                if value == current:
+                    continue
+                trial = weights.copy()
+                trial[j] = value
+                if trial.sum() <= 0:
+                    continue
+                score = objective(matrix @ trial)
+                # a strict margin keeps the search from wandering along plateaus of equal rankings
+                if score > best + 1e-9:
+                    best, weights, improved = score, trial, True
+        if not improved:
+            break
+    weights = weights / weights.sum()
+    return FusionModel(
+        kind="weighted",
+        signals=list(signals),
+        normalization=normalization,
+        weights={s: float(w) for s, w in zip(signals, weights, strict=True)},
+        fit_info={
+            "metric": metric,
+            "fit_score": float(best),
+            "single_signal_scores": {s: float(v) for s, v in singles.items()},
+            "n_queries": objective.n_queries,
+        },
+    )
+
+
+def fit_cascade(
+    frame: pd.DataFrame,
+    first_stage: FusionModel | Sequence[str],
+    rerank_signal: str = "s_bert",
+    k: int = 20,
+    metric: str = FIT_METRIC,
+) -> FusionModel:
+    """A cheap first stage keeps each query's top `k`; `rerank_signal` alone re-orders those `k`.
+
+    `first_stage` is a fitted fusion, or the columns of a weighted fusion fitted here on `frame`.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"cascade k must be a positive integer, got {k!r}")
+    if not isinstance(first_stage, FusionModel):
+        columns = [c for c in _check_signals(first_stage) if c != rerank_signal]
+        if not columns:
+            raise ConfigError(f"the cascade's first stage needs a signal other than {rerank_signal!r}")
+        first_stage = fit_weighted(frame, columns, metric=metric)
+    _check_frame(frame, [*first_stage.signals, rerank_signal], need_gain=True)
+    model = FusionModel(
+        kind="cascade",
+        signals=_unique([*first_stage.signals, rerank_signal]),
+        first_stage=first_stage,
+        rerank_signal=rerank_signal,
+        k=k,
+    )
+    objective = _Objective(frame, metric)
+    model.fit_info = {
+        "metric": metric,
+        "fit_score": float(objective(*_fused_score(model, frame))),
+        "n_queries": objective.n_queries,
+    }
+    return model
+
+
+def fit_lambdamart(
+    frame: pd.DataFrame,
+    signals: Sequence[str],
+    params: dict[str, Any] | None = None,
+    valid_frac: float = 0.2,
+    seed: int = 0,
+) -> FusionModel:
+    """LightGBM LambdaMART (`LGBMRanker`, objective lambdarank) grouped by qid.
+
+    Early stopping on NDCG@10 of a holdout of `valid_frac` of the frame's queries (chosen with `seed`).
+    Gains become integer labels whose LightGBM `label_gain` is the gain itself, so LightGBM optimises the
+    same linear-gain NDCG that ranx reports. `params` override LAMBDAMART_DEFAULTS.
+    """
+    import lightgbm
+
+    signals = _check_signals(signals)
+    _check_frame(frame, signals, need_gain=True)
+    if not 0.0 <= valid_frac < 1.0:
+        raise ConfigError(f"valid_frac must be in [0, 1), got {valid_frac!r}")
+    labels, label_gain = _graded_labels(frame["gain"].to_numpy(dtype=float))
+    qids = pd.unique(frame["qid"])
+    n_holdout = round(valid_frac * len(qids)) if len(qids) >= 2 else 0
+    rng = np.random.default_rng(seed)
+    holdout = set(rng.choice(qids, size=n_holdout, replace=False)) if n_holdout else set()
+    in_holdout = frame["qid"].isin(holdout).to_numpy()
+    settings = {**LAMBDAMART_DEFAULTS, "random_state": seed, "label_gain": label_gain, **(params or {})}
+    ranker = lightgbm.LGBMRanker(**settings)
+    features = frame[signals].astype(float)
+    train = ~in_holdout
+    fit_args: dict[str, Any] = {}
+    if in_holdout.any():
+        fit_args = {
+            "eval_X": (features[in_holdout],),
+            "eval_y": (labels[in_holdout],),
+            "eval_group": [_group_sizes(frame["qid"][in_holdout])],
+            "eval_at": [10],
+            "callbacks": [
+                lightgbm.early_stopping(EARLY_STOPPING_ROUNDS, first_metric_only=True, verbose=False)
+            ],
+        }
+    ranker.fit(features[train], labels[train], group=_group_sizes(frame["qid"][train]), **fit_args)
+    best_iteration = int(ranker.best_iteration_ or ranker.n_estimators)
+    # the in-memory booster is rebuilt from the text it saves, so a loaded model scores identically
+    booster = lightgbm.Booster(model_str=ranker.booster_.model_to_string(num_iteration=best_iteration))
+    model = FusionModel(
+        kind="lambdamart",
+        signals=list(signals),
+        booster=booster,
+        fit_info={"best_iteration": best_iteration, "n_queries": len(qids), "holdout_queries": n_holdout},
+    )
+    objective = _Objective(frame, FIT_METRIC)
+    model.fit_info["fit_score"] = float(objective(_fused_score(model, frame)[0]))
+    if in_holdout.any() and frame["gain"][in_holdout].gt(0).any():
+        part = frame[in_holdout]
+        model.fit_info["holdout_score"] = float(_Objective(part, FIT_METRIC)(_fused_score(model, part)[0]))
+    model.fit_info["metric"] = FIT_METRIC
+    return model
+
+
+def fit_all(
+    valid_frame: pd.DataFrame, signals: Sequence[str], cascade_k: int = 20, seed: int = 0
+) -> dict[str, FusionModel]:
+    """Fit every strategy on the validation frame: weighted and LambdaMART over `signals`, and the cascade
+    (first stage: weighted over every column but `s_bert`; re-ranker: `s_bert`) when `s_bert` is among them.
+    """
+    signals = _check_signals(signals)
+    models = {"weighted": fit_weighted(valid_frame, signals)}
+    if "s_bert" in signals and len(signals) > 1:
+        models["cascade"] = fit_cascade(valid_frame, signals, rerank_signal="s_bert", k=cascade_k)
+    models["lambdamart"] = fit_lambdamart(valid_frame, signals, seed=seed)
+    return models
+
+
+def weights_summary(model: FusionModel) -> str:
+    """A one-line description of a fitted fusion, for logs and reports."""
+    if model.kind == "weighted":
+        parts = ", ".join(f"{s}={w:.2f}" for s, w in model.weights.items() if not math.isclose(w, 0.0))
+        return f"weighted ({model.normalization}): {parts}"
+    if model.kind == "cascade" and model.first_stage is not None:
+        first = weights_summary(model.first_stage)
+        return f"cascade k={model.k}, re-ranker {model.rerank_signal}; first stage {first}"
+    return f"lambdamart over {len(model.signals)} columns, {model.fit_info.get('best_iteration')} trees"
+
+
+def score_candidates(model: FusionModel, frame: pd.DataFrame) -> pd.DataFrame:
+    """THE scoring function: `frame`'s rows with the fused `score`, one `c_*` contribution column per signal
+    (they sum to `score`) and `rank` (1 = best), sorted by qid, then score descending (ties: `tie_keys`).
+
+    A signal column absent from `frame` (e.g. the online store is down) counts as missing values, not an
+    error; the result names the columns that are absent or hold no value at all in
+    `result.attrs["missing_signals"]`.
+    """
+    _check_frame(frame, [], need_gain=False)
+    present = [c for c in model.signals if c in frame.columns]
+    empty = frame[present].isna().all() & (len(frame) > 0)
+    missing = [c for c in model.signals if c not in frame.columns or empty[c]]
+    names, values, tiebreak = _fused(model, frame)
+    score = values.sum(axis=1)
+    codes = pd.factorize(frame["qid"].to_numpy(), sort=True)[0]
+    order = np.lexsort((tie_keys(frame["qid"], frame["product_id"]), -tiebreak, -score, codes))
+    added = pd.DataFrame(values[order], columns=names)
+    added["score"] = score[order]
+    added["rank"] = _slots(codes[order]) + 1
+    base = frame.iloc[order].reset_index(drop=True)
+    clash = [c for c in added.columns if c in base.columns]
+    scored = pd.concat([base.drop(columns=clash) if clash else base, added], axis=1)
+    scored.attrs["missing_signals"] = missing
+    return scored
+
+
+def cascade_shortlist(model: FusionModel, frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows a cascade's re-ranker must score: each query's top `k` by the first stage, in frame order.
+
+    The server calls this first so the expensive re-ranker sees only `k` candidates per request.
+    """
+    if model.kind != "cascade" or model.first_stage is None or model.k is None:
+        raise ConfigError(f"cascade_shortlist needs a cascade fusion, got {model.kind!r}")
+    _check_frame(frame, [], need_gain=False)
+    first = _contributions(model.first_stage, frame, _query_codes(frame))[1].sum(axis=1)
+    return frame[_within_query_position(frame, first) < model.k]
+
+
+def ranking_metrics(
+    frame: pd.DataFrame, scores: np.ndarray | str, metrics: Sequence[str], per_query: bool = False
+) -> dict[str, float] | pd.DataFrame:
+    """ranx metrics (e.g. "ndcg@10", "recall@20", "mrr") of ranking each query's rows by `scores`.
+
+    `scores` is an array in frame order or the name of a column; ties follow `tie_keys`, NaN ranks last.
+    Returns the means, or with `per_query` a frame indexed by qid (sorted) with one column per metric.
+    Only queries with a positive gain in the frame count (ranx likewise skips queries absent from the
+    qrels); a relevant product that is not among a query's candidates is invisible here, so figures that
+    must count such misses come from the evaluation harness, which knows every judged product.
+    """
+    values = frame[scores].to_numpy(dtype=float) if isinstance(scores, str) else np.asarray(scores, float)
+    if len(values) != len(frame):
+        raise DataError(f"{len(values)} scores for a frame of {len(frame)} rows")
+    objective = _Objective(frame, list(metrics))
+    result = objective.evaluate(values, per_query=per_query)
+    if per_query:
+        return pd.DataFrame(result, index=pd.Index(objective.qids, name="qid"))
+    return result
+
+
+def _fused(model: FusionModel, frame: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Contribution names and values (rows x columns) and the tie-break of equal scores, in frame order."""
+    codes = _query_codes(frame)
+    names, values = _contributions(model, frame, codes)
+    tiebreak = np.zeros(len(frame))
+    if model.kind == "cascade" and model.first_stage is not None:
+        # inside the re-ranked tier, candidates the re-ranker cannot tell apart keep the first stage's order
+        tiebreak = _contributions(model.first_stage, frame, codes)[1].sum(axis=1)
+    return names, values, tiebreak
+
+
+def _fused_score(model: FusionModel, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The fused score and the tie-break key, in frame order."""
+    _, values, tiebreak = _fused(model, frame)
+    return values.sum(axis=1), tiebreak
+
+
+def _contributions(
+    model: FusionModel, frame: pd.DataFrame, codes: np.ndarray
+) -> tuple[list[str], np.ndarray]:
+    """Contribution column names and values (rows x columns), one per signal plus `c_bias` where the kind
+    has one; each row sums to the fused score."""
+    names = [contribution_column(s) for s in model.signals]
+    if model.kind == "weighted":
+        normalized = _normalize(_signal_matrix(frame, model.signals), codes, model.normalization)
+        weights = np.array([model.weights.get(s, 0.0) for s in model.signals])
+        return names, normalized * weights
+    if model.kind == "lambdamart":
+        if model.booster is None:
+            raise DataError("this lambdamart fusion has no booster; load it with FusionModel.load")
+        features = pd.DataFrame(_signal_matrix(frame, model.signals), columns=model.signals)
+        contrib = np.asarray(model.booster.predict(features, pred_contrib=True), dtype=float)
+        return [*names, BIAS_COLUMN], contrib.reshape(len(frame), len(names) + 1)
+    if model.kind == "cascade":
+        return _cascade_contributions(model, frame, codes)
+    raise DataError(f"unknown fusion kind {model.kind!r}; known kinds: {', '.join(KINDS)}")
+
+
+def _cascade_contributions(
+    model: FusionModel, frame: pd.DataFrame, codes: np.ndarray
+) -> tuple[list[str], np.ndarray]:
+    if model.first_stage is None or model.k is None or model.rerank_signal is None:
+        raise DataError("a cascade fusion needs a first stage, k and a rerank signal")
+    first_names, first = _contributions(model.first_stage, frame, codes)
+    first_score = first.sum(axis=1)
+    top = _within_query_position(frame, first_score) < model.k
+    rerank = _signal_matrix(frame, [model.rerank_signal])
+    # the re-ranker is min-max normalised among the shortlisted rows only: the rest never needs its score
+    rerank_norm = _normalize(np.where(top[:, None], rerank, np.nan), codes, "minmax")[:, 0]
+    # each query's shortlist sits above every first-stage score of that query: offset = max + 1
+    offset = _group_reduce(np.fmax, first_score[:, None], codes, -np.inf)[codes, 0] + 1.0
+    names = _unique([*first_names, contribution_column(model.rerank_signal), BIAS_COLUMN])
+    out = np.zeros((len(frame), len(names)))
+    for j, name in enumerate(first_names):
+        out[:, names.index(name)] = np.where(top, 0.0, first[:, j])
+    out[:, names.index(contribution_column(model.rerank_signal))] = np.where(top, rerank_norm, 0.0)
+    bias = names.index(BIAS_COLUMN)
+    out[:, bias] = np.where(top, offset, out[:, bias])
+    return names, out
+
+
+def _query_codes(frame: pd.DataFrame) -> np.ndarray:
+    return pd.factorize(frame["qid"].to_numpy())[0].astype(np.int64)
+
+
+def _group_reduce(ufunc: np.ufunc, values: np.ndarray, codes: np.ndarray, initial: float) -> np.ndarray:
+    """`ufunc` folded over each query's rows: one row per query (code), one column per input column."""
+    n_groups = int(codes.max()) + 1 if len(codes) else 0
+    out = np.full((n_groups, values.shape[1]), initial, dtype=float)
+    ufunc.at(out, codes, values)
+    return out
+
+
+def _normalize(values: np.ndarray, codes: np.ndarray, method: str) -> np.ndarray:
+    """Each column normalised per query as ranx defines it (min-max, zmuv, rank); a missing value becomes
+    0, as ranx gives a document absent from a run."""
+    present = ~np.isnan(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if method == "minmax":
+            low = _group_reduce(np.fmin, values, codes, np.inf)[codes]
+            high = _group_reduce(np.fmax, values, codes, -np.inf)[codes]
+            out = (values - low) / np.maximum(high - low, 1e-9)
+        elif method == "zscore":
+            count = _group_reduce(np.add, present.astype(float), codes, 0.0)
+            mean = _group_reduce(np.add, np.where(present, values, 0.0), codes, 0.0) / count
+            squares = np.where(present, (values - mean[codes]) ** 2, 0.0)
+            std = np.sqrt(_group_reduce(np.add, squares, codes, 0.0) / count)
+            out = (values - mean[codes]) / np.maximum(std[codes], 1e-9)
+        elif method == "rank":
+            count = _group_reduce(np.add, present.astype(float), codes, 0.0)[codes]
+            out = 1.0 - (_descending_rank(values, codes) - 1.0) / count
+        else:
+            raise ConfigError(f"unknown normalization {method!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    return np.where(present, out, 0.0)
+
+
+def _descending_rank(values: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """1-based rank of each value within its query, highest first, ties sharing their average rank."""
+    ranks = np.empty_like(values)
+    for j in range(values.shape[1]):
+        column = values[:, j]
+        order = np.lexsort((-column, codes))
+        sorted_codes, sorted_values = codes[order], column[order]
+        position = _slots(sorted_codes) + 1.0
+        new_run = np.r_[
+            True, (sorted_codes[1:] != sorted_codes[:-1]) | (sorted_values[1:] != sorted_values[:-1])
+        ]
+        run = np.cumsum(new_run) - 1
+        average = np.bincount(run, weights=position) / np.bincount(run)
+        ranks[order, j] = average[run]
+    return ranks
+
+
+def _signal_matrix(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """`frame[columns]` as a float matrix; an absent column is all NaN (missing, not an error)."""
+    out = np.full((len(frame), len(columns)), np.nan)
+    present = [c for c in columns if c in frame.columns]
+    if present:
+        try:
+            values = frame[present].to_numpy(dtype=float, na_value=np.nan)
+        except (TypeError, ValueError) as exc:
+            bad = [c for c in present if not pd.api.types.is_numeric_dtype(frame[c])]
+            raise DataError(f"signal column(s) {bad} must be numeric ({exc})") from exc
+        out[:, [list(columns).index(c) for c in present]] = values
+    return out
+
+
+def _within_query_position(frame: pd.DataFrame, scores: np.ndarray) -> np.ndarray:
+    """0-based position of each row in its query when sorted by `scores` descending (ties: `tie_keys`)."""
+    codes = pd.factorize(frame["qid"].to_numpy())[0]
+    order = np.lexsort((tie_keys(frame["qid"], frame["product_id"]), -scores, codes))
+    position = np.empty(len(scores), dtype=np.int64)
+    position[order] = _slots(codes[order])
+    return position
+
+
+def _slots(sorted_codes: np.ndarray) -> np.ndarray:
+    """0-based position of each element inside its run of equal consecutive codes."""
+    if len(sorted_codes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    index = np.arange(len(sorted_codes))
+    first = np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
+    return index - np.maximum.accumulate(np.where(first, index, 0))
+
+
+def _graded_labels(gain: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """Integer labels for LightGBM and each label's gain (the gain itself, so NDCG stays linear)."""
+    levels = np.unique(np.round(gain, 9))
+    if len(levels) > MAX_LABEL_LEVELS:
+        raise DataError(
+            f"gain has {len(levels)} distinct values; LambdaMART needs graded relevance "
+            f"(at most {MAX_LABEL_LEVELS} levels): round or bin the gains first"
+        )
+    if levels[0] < 0:
+        raise DataError(f"gain must not be negative, found {levels[0]}")
+    labels = np.searchsorted(levels, np.round(gain, 9)).astype(np.int32)
+    return labels, [float(v) for v in levels]
+
+
+def _group_sizes(qid: pd.Series) -> np.ndarray:
+    return qid.groupby(qid.to_numpy(), sort=False).size().to_numpy()
+
+
+def _check_signals(signals: Sequence[str]) -> list[str]:
+    if isinstance(signals, str):
+        raise ConfigError(f"signals must be a list of column names, got the string {signals!r}")
+    signals = list(signals)
+    if not signals:
+        raise ConfigError("a fusion needs at least one signal column")
+    if len(set(signals)) != len(signals):
+        raise ConfigError(f"signal columns repeat: {signals}")
+    reserved = [s for s in signals if s in {"qid", "product_id", "gain", "score", "rank"}]
+    if reserved or any(contribution_column(s) == BIAS_COLUMN for s in signals):
+        raise ConfigError(f"{reserved or signals}: not usable as signal columns (reserved names)")
+    return signals
+
+
+def _check_frame(frame: pd.DataFrame, signals: Sequence[str], need_gain: bool) -> None:
+    """DataError naming what breaks the candidate-frame contract."""
+    required = ["qid", "product_id", *(["gain"] if need_gain else [])]
+    missing = [c for c in [*required, *signals] if c not in frame.columns]
+    if missing:
+        raise DataError(f"candidate frame lacks column(s) {missing}; it has {list(frame.columns)}")
+    if need_gain:
+        if len(frame) == 0:
+            raise DataError("candidate frame is empty: nothing to fit on")
+        gain = pd.to_numeric(frame["gain"], errors="coerce")
+        if gain.isna().any():
+            raise DataError(
+                f"candidate frame has {int(gain.isna().sum())} row(s) with a missing or non-numeric gain"
+            )
+        if not gain.gt(0).any():
+            raise DataError("candidate frame has no row with a positive gain: no ranking can be learned")
+    codes = pd.factorize(frame["qid"].to_numpy())[0]
+    if len(codes) > 1 and (np.diff(codes) < 0).any():
+        raise DataError("rows of one qid must be contiguous in the candidate frame (sort or group by qid)")
+
+
+def _unique(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class _Objective:
+    """ranx metrics of rankings of one frame's rows, with the qrels built once.
+
+    ranx's `evaluate` takes padded arrays (one [doc, score] matrix per query) as well as Run objects; it
+    gives the same figures (checked in the tests) at a fraction of the cost, which the weight search needs.
+    Padding has doc id -1 and gain 0, which ranx never counts. Gains are scaled so the smallest positive one
+    is 1: ranx counts only grades >= 1 as relevant, and its linear-gain NDCG is unchanged by the scale.
+    """
+
+    def __init__(self, frame: pd.DataFrame, metrics: str | list[str]) -> None:
+        self.metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+        self.depth = _run_depth(self.metrics)
+        gain = frame["gain"].to_numpy(dtype=float)
+        codes, uniques = pd.factorize(frame["qid"].to_numpy(), sort=True)
+        judged = np.zeros(len(uniques), dtype=bool)
+        judged[codes[gain > 0]] = True
+        # queries without a positive gain are left out, as ranx leaves out queries absent from the qrels
+        self.query_index = np.full(len(uniques), -1, dtype=np.int64)
+        self.query_index[judged] = np.arange(int(judged.sum()))
+        self.qids = [str(q) for q in np.asarray(uniques)[judged]]
+        self.n_queries = len(self.qids)
+        self.codes = codes
+        self.ties = tie_keys(frame["qid"], frame["product_id"])
+        self.rows = np.flatnonzero(judged[codes]) if len(codes) else np.zeros(0, dtype=np.int64)
+        positive = np.flatnonzero(gain > 0)
+        scale = 1.0 / gain[positive].min() if len(positive) else 1.0
+        # ideal order (gain descending) inside each query: ranx reads the ideal DCG from the qrels' order
+        positive = positive[np.lexsort((positive, -gain[positive], codes[positive]))]
+        self.qrels = self._padded(positive, gain[positive] * scale, width=None)
+
+    def __call__(self, scores: np.ndarray, tiebreak: np.ndarray | None = None) -> float:
+        """The first metric's mean."""
+        return float(self.evaluate(scores, tiebreak=tiebreak)[self.metrics[0]])
+
+    def evaluate(
+        self, scores: np.ndarray, per_query: bool = False, tiebreak: np.ndarray | None = None
+    ) -> dict[str, Any]:
+        from ranx import evaluate
+
+        if self.n_queries == 0:
+            return {m: (np.zeros(0) if per_query else float("nan")) for m in self.metrics}
+        scores = np.where(np.isnan(scores), -np.inf, scores)
+        rows = self.rows
+        secondary = np.zeros(len(rows)) if tiebreak is None else -tiebreak[rows]
+        order = rows[np.lexsort((self.ties[rows], secondary, -scores[rows], self.codes[rows]))]
+        run = self._padded(order, scores[order], width=self.depth)
+        # ranx 0.3.21 raises KeyError for the per-query scores of a lone metric with a cutoff: ask twice
+        names = self.metrics * 2 if per_query and len(self.metrics) == 1 else self.metrics
+        result = evaluate(self.qrels, run, names, return_mean=not per_query, save_results_in_run=False)
+        if not isinstance(result, dict):
+            result = {self.metrics[0]: result}
+        return {m: (np.asarray(v, dtype=float) if per_query else float(v)) for m, v in result.items()}
+
+    def _padded(self, rows: np.ndarray, values: np.ndarray, width: int | None) -> np.ndarray:
+        """One [row id, value] matrix per judged query, rows in the given (query-grouped) order."""
+        codes = self.codes[rows]
+        keep = self.query_index[codes] >= 0
+        rows, values, codes = rows[keep], values[keep], codes[keep]
+        slot = _slots(codes)
+        full = int(slot.max()) + 1 if len(slot) else 1
+        width = full if width is None else max(1, min(width, full))
+        out = np.zeros((self.n_queries, width, 2), dtype=np.float64)
+        out[:, :, 0] = -1.0
+        within = slot < width
+        out[self.query_index[codes[within]], slot[within], 0] = rows[within]
+        out[self.query_index[codes[within]], slot[within], 1] = values[within]
+        return out
+
+
+def _run_depth(metrics: Sequence[str]) -> int | None:
+    """How many top results the metrics read: the largest cutoff, or None when one has no cutoff."""
+    depth = 0
+    for metric in metrics:
+        name = metric.split("-l")[0]
+        if "@" not in name:
+            return None
+        depth = max(depth, int(name.split("@")[1]))
+    return depth or None
