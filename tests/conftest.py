@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fusionrank.cli import QUIET_OFFLINE_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -15,13 +17,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="fusionrank-test-bentoml-")
 
 for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "BENTOML_DO_NOT_TRACK": "true",
-    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    **QUIET_OFFLINE_ENV,
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }.items():
     os.environ.setdefault(_key, _value)

@@ -13,9 +13,8 @@ from fusionrank.drift import DriftResult, compute_drift
 from fusionrank.errors import ConfigError, DataError
 from fusionrank.gate import GateConfig, decide
 
-# Evidently's import (~6 s) and its reports on real data take the module past 10 s. Evidently pulls in
-# litestar, whose deprecation warnings the project-wide message filter does not match.
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:litestar.*")]
+# Evidently pulls in litestar, whose deprecation warnings the project-wide message filter does not match.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:litestar.*")
 
 FEATURES = ["f_title_tokens", "f_title_chars", "f_judgments"]
 SAMPLE = 3000

@@ -185,6 +185,15 @@ def test_a_missing_signal_column_is_reported_not_fatal(
     assert score_candidates(models[kind], frame).attrs["missing_signals"] == []
 
 
+@pytest.mark.parametrize("kind", ["weighted", "cascade", "lambdamart"])
+def test_a_request_without_candidates_scores_to_an_empty_ranking(
+    models: dict[str, FusionModel], frame: pd.DataFrame, kind: str
+) -> None:
+    scored = score_candidates(models[kind], frame.iloc[:0])
+    assert len(scored) == 0
+    assert {"score", "rank", *(contribution_column(s) for s in models[kind].signals)} <= set(scored.columns)
+
+
 def test_equal_scores_are_ordered_like_the_evaluation_harness(frame: pd.DataFrame) -> None:
     from fusionrank.evaluation import to_run
 

@@ -435,6 +435,9 @@ def _contributions(
     if model.kind == "lambdamart":
         if model.booster is None:
             raise DataError("this lambdamart fusion has no booster; load it with FusionModel.load")
+        if len(frame) == 0:
+            # LightGBM refuses empty input; a request without candidates has nothing to score
+            return [*names, BIAS_COLUMN], np.zeros((0, len(names) + 1))
         features = pd.DataFrame(_signal_matrix(frame, model.signals), columns=model.signals)
         contrib = np.asarray(model.booster.predict(features, pred_contrib=True), dtype=float)
         return [*names, BIAS_COLUMN], contrib.reshape(len(frame), len(names) + 1)
