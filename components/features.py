@@ -9,11 +9,14 @@ def features(
     dataset: Input[Dataset],
     splits: Input[Dataset],
     feature_service_version: str,
+    feature_store_env: str,
     feature_store: Output[Artifact],
 ) -> str:
     """Write the offline sources, apply the Feast repo, materialize online; return the FeatureService name."""
     from fusionrank.steps import features_step
 
-    info = features_step(dataset.path, splits.path, feature_store.path, feature_service_version)
+    info = features_step(
+        dataset.path, splits.path, feature_store.path, feature_service_version, feature_store_env
+    )
     feature_store.metadata.update(info)
     return info["feature_service"]

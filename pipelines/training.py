@@ -54,6 +54,7 @@ def training_pipeline(
     valid_frac: float = 0.1,
     test_frac: float = 0.1,
     feature_service_version: str = "v1",
+    feature_store_env: str = "local",
     candidates_k: int = 100,
     max_eval_requests: int = 0,
     base_model: str = "",
@@ -100,6 +101,7 @@ def training_pipeline(
             dataset=ingest_task.outputs["dataset"],
             splits=split_task.outputs["splits"],
             feature_service_version=feature_service_version,
+            feature_store_env=feature_store_env,
         ).set_caching_options(False),  # it writes the online store, a side effect a cache hit would skip
         MEDIUM,
         retries=2,

@@ -113,8 +113,15 @@ def read_splits(splits_dir: str | Path) -> tuple[str, dict[str, pd.DataFrame]]:
     return info["mode"], {name: pd.read_parquet(splits_dir / f"{name}.parquet") for name in SPLIT_NAMES}
 
 
-def features_step(dataset_dir: str, splits_dir: str, store_dir: str, version: str) -> dict:
-    """Materialize the Feast feature views of this run's data (training data only where it matters)."""
+def features_step(
+    dataset_dir: str, splits_dir: str, store_dir: str, version: str, env: str = "local"
+) -> dict:
+    """Materialize the Feast feature views of this run's data (training data only where it matters).
+
+    `env` picks the feature_store yaml: "local" (SQLite online store under the run's folder) or "cluster"
+    (Redis and a shared registry, configured by the FUSIONRANK_FEAST_* and FUSIONRANK_REDIS variables that
+    feature_repo/feature_store.cluster.yaml names).
+    """
     from fusionrank.features import materialize_features
 
     tables = Tables.read(dataset_dir)
@@ -128,6 +135,7 @@ def features_step(dataset_dir: str, splits_dir: str, store_dir: str, version: st
         train_tables,
         Path(store_dir),
         feature_service=f"fusionrank_ranker_{version}",
+        env=env,
         train_judgments=parts["train"] if mode == "search" else None,
     )
     _write_json(Path(store_dir) / STORE_INFO, info.to_dict())
