@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fusionrank.champion import frame_run
 from fusionrank.context import Context, RankingExample
 from fusionrank.errors import ConfigError, DataError
 from fusionrank.evaluation import ALL, EvaluationReport, evaluate_runs
@@ -205,7 +206,7 @@ def dataset_report(
         raise ConfigError(f"the report's metrics must include {HEADLINE!r}, got {list(metrics)}")
     if examples is None:
         examples = _frame_examples(test_frame)
-    runs = {c.removeprefix(SIGNAL_PREFIX): _run(test_frame, test_frame[c].to_numpy(float)) for c in signals}
+    runs = {c.removeprefix(SIGNAL_PREFIX): frame_run(test_frame, test_frame[c]) for c in signals}
     for kind, model in models.items():
         runs[f"{FUSION_PREFIX}{kind}"] = _fused_run(model, test_frame)
     chooser = valid_frame if valid_frame is not None else test_frame
@@ -320,21 +321,10 @@ def plot_ndcg(reports: Sequence[DatasetReport], path: str | Path) -> Path:
     return path
 
 
-def _run(frame: pd.DataFrame, scores: np.ndarray) -> dict[str, dict[str, float]]:
-    """qid -> product -> score; a missing score ranks last."""
-    values = np.where(np.isnan(scores), -np.inf, scores)
-    run: dict[str, dict[str, float]] = {}
-    for qid, pid, value in zip(
-        frame["qid"].astype(str), frame["product_id"].astype(str), values, strict=True
-    ):
-        run.setdefault(qid, {})[pid] = float(value)
-    return run
-
-
 def _fused_run(model: FusionModel, frame: pd.DataFrame) -> dict[str, dict[str, float]]:
     """The served order of each request as a run: the score is minus the rank, so no tie is left."""
     scored = score_candidates(model, frame)
-    return _run(scored, -scored["rank"].to_numpy(dtype=float))
+    return frame_run(scored, -scored["rank"].to_numpy(dtype=float))
 
 
 def _best_single_signal(frame: pd.DataFrame, signals: Sequence[str]) -> str:
