@@ -4,7 +4,8 @@ Each step reads its input folders, calls the library, and writes its output fold
 figures and decisions the pipeline passes on as parameters or metrics. Folder layouts:
     dataset:  canonical tables (`Tables.write`) + manifest.json
     splits:   train/valid/test.parquet (judgments or interactions) + split.json
-    frames:   {valid,test}.parquet candidate frames, {valid,test}_contexts.parquet, frames.json
+    frames:   {valid,test}.parquet candidate frames, {valid,test}_contexts.parquet (one row per request),
+              {valid,test}_qrels.parquet (every judged product, retrieved or not), frames.json
 """
 
 from __future__ import annotations
@@ -647,7 +648,7 @@ def package_step(
         "feature_service": feature_service,
         "feature_store": str(Path(store_dir).resolve()),
         "data_hash": data_hash,
-        "git_revision": git_revision or _git_revision(),
+        "git_revision": git_revision or os.environ.get("FUSIONRANK_GIT_REVISION") or _checkout_revision(),
     }
     write_bundle(bundle_dir, manifest, tables.products, signals_dir, fusion_dir, bert_dir, reference)
     saved = save_to_bentoml(Path(bundle_dir), manifest)
@@ -659,16 +660,10 @@ def package_step(
     return {**saved, "contract_requests": check["requests"]}
 
 
-def _git_revision() -> str:
-    import subprocess
+def _checkout_revision() -> str:
+    from fusionrank.orchestration import git_revision
 
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("FUSIONRANK_GIT_REVISION", "unknown")
+    return git_revision()
 
 
 def register_step(
