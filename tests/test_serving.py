@@ -28,7 +28,6 @@ from fusionrank.serving_logic import (
     online_feature_frame,
     open_online_store,
     retrieve_candidates,
-    serving_frame,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -402,9 +401,9 @@ def test_served_scores_equal_the_offline_scores(ranker, store: DictStore, bundle
 def test_a_cascade_runs_bert_on_its_shortlist_only(ranker, store: DictStore) -> None:
     cascade = _with_fusion(ranker, "cascade")
     example = RankingExample(Context(query="green saw"), [f"p{i}" for i in range(30)])
-    frame = serving_frame(cascade, [example], None)
+    frame = cascade.frame([example], None)
     assert frame["s_bert"].notna().sum() == cascade.fusions["cascade"].k
-    full = cascade.frame([example], None)
+    full = cascade.frame([example], None, shortlist=False)
     # BERT pads a shorter batch less: its scores agree to float32 noise
     np.testing.assert_allclose(cascade.score(frame)["score"], cascade.score(full)["score"], rtol=1e-4)
 

@@ -64,21 +64,10 @@ def _fusion_models(fusion_dir: Path) -> tuple[dict, str]:
     return {kind: FusionModel.load(fusion_dir / kind) for kind in info["fusions"]}, info["selected"]
 
 
-def _best_single_signal(valid: pd.DataFrame) -> str:
-    """The single signal with the best NDCG@10 on the validation frame (chosen there, not on test)."""
-    from fusionrank.fusion import ranking_metrics
-
-    scores = {
-        column: ranking_metrics(valid, column, [GATE_METRIC])[GATE_METRIC]
-        for column in valid.columns
-        if column.startswith(SIGNAL_PREFIX)
-    }
-    return max(scores, key=scores.get).removeprefix(SIGNAL_PREFIX)
-
-
 def evaluate_candidate(scored_dir: Path, fusion_dir: Path, registry_uri: str, model_name: str) -> dict:
     """Every single signal and every fusion on the test split, per slice, and the champion comparison."""
     from fusionrank.evaluation import evaluate_runs
+    from fusionrank.fusion import best_single_signal
 
     test, contexts, qrels = read_split_frames(scored_dir, "test")
     valid = pd.read_parquet(scored_dir / "valid.parquet")
@@ -91,7 +80,9 @@ def evaluate_candidate(scored_dir: Path, fusion_dir: Path, registry_uri: str, mo
     }
     for kind, model in models.items():
         runs[f"fusion:{kind}"] = fused_run(model, test)
-    baseline = _best_single_signal(valid)
+    # chosen on the validation split, not on the test split it is compared on
+    signals = [c for c in valid.columns if c.startswith(SIGNAL_PREFIX)]
+    baseline = best_single_signal(valid, signals, GATE_METRIC).removeprefix(SIGNAL_PREFIX)
     report = evaluate_runs(examples, runs, METRICS, slices=slices_of(contexts), baseline=baseline)
     candidate_run = f"fusion:{selected}"
     candidate = {m: report.mean(candidate_run, m) for m in METRICS}

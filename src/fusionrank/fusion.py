@@ -405,6 +405,14 @@ def ranking_metrics(
     return result
 
 
+def best_single_signal(frame: pd.DataFrame, signals: Sequence[str], metric: str = "ndcg@10") -> str:
+    """The signal column of `frame` with the best `metric` when it ranks alone (the baseline to beat)."""
+    scores = {c: ranking_metrics(frame, c, [metric])[metric] for c in signals if c in frame.columns}
+    if not scores:
+        raise DataError(f"none of the signals {list(signals)} is in the frame that chooses the baseline")
+    return max(scores, key=lambda c: scores[c])
+
+
 def _fused(model: FusionModel, frame: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Contribution names and values (rows x columns) and the tie-break of equal scores, in frame order."""
     codes = _query_codes(frame)

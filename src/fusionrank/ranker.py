@@ -154,11 +154,29 @@ class Ranker:
     def selected(self) -> str:
         return self.manifest["selected_fusion"]
 
-    def frame(self, examples: Sequence[RankingExample], features: pd.DataFrame | None = None) -> pd.DataFrame:
-        """The candidate frame for `examples` with every signal of this bundle, BERT included."""
+    def frame(
+        self, examples: Sequence[RankingExample], features: pd.DataFrame | None = None, shortlist: bool = True
+    ) -> pd.DataFrame:
+        """The candidate frame for `examples` with every signal of this bundle, BERT included.
+
+        Under a cascade fusion BERT scores only the cascade's shortlist (`shortlist=False`: every candidate);
+        the other rows' `s_bert` is never read by the cascade and stays NaN. The server and the champion
+        comparison both build their frames here.
+        """
         frame = signal_frame(examples, self.signals, features)
-        if self.bert is not None:
+        if self.bert is None:
+            return frame
+        fusion = self.fusions[self.selected]
+        if not shortlist or getattr(fusion, "kind", None) != "cascade":
             frame["s_bert"] = bert_scores(self.bert, examples, self.titles)
+            return frame
+        from fusionrank.fusion import cascade_shortlist
+
+        picked = cascade_shortlist(fusion, frame)
+        keep = picked.groupby("qid", sort=False)["product_id"].agg(list).to_dict()
+        short = [RankingExample(e.context, keep[e.qid]) for e in examples if keep.get(e.qid)]
+        frame["s_bert"] = np.nan
+        frame.loc[picked.index, "s_bert"] = bert_scores(self.bert, short, self.titles)
         return frame
 
     def score(self, frame: pd.DataFrame, fusion: str | None = None) -> pd.DataFrame:

@@ -23,7 +23,13 @@ from fusionrank.champion import frame_run
 from fusionrank.context import Context, RankingExample
 from fusionrank.errors import ConfigError, DataError
 from fusionrank.evaluation import ALL, EvaluationReport, evaluate_runs
-from fusionrank.fusion import SIGNAL_PREFIX, FusionModel, ranking_metrics, score_candidates, weights_summary
+from fusionrank.fusion import (
+    SIGNAL_PREFIX,
+    FusionModel,
+    best_single_signal,
+    score_candidates,
+    weights_summary,
+)
 
 REPORT_METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "ndcg@20", "recall@10", "recall@20", "mrr")
 HEADLINE = "ndcg@10"
@@ -210,7 +216,7 @@ def dataset_report(
     for kind, model in models.items():
         runs[f"{FUSION_PREFIX}{kind}"] = _fused_run(model, test_frame)
     chooser = valid_frame if valid_frame is not None else test_frame
-    baseline = _best_single_signal(chooser, signals)
+    baseline = best_single_signal(chooser, signals, HEADLINE).removeprefix(SIGNAL_PREFIX)
     evaluation = evaluate_runs(examples, runs, list(metrics), slices=slices, baseline=baseline)
     report = DatasetReport(
         dataset=dataset,
@@ -325,13 +331,6 @@ def _fused_run(model: FusionModel, frame: pd.DataFrame) -> dict[str, dict[str, f
     """The served order of each request as a run: the score is minus the rank, so no tie is left."""
     scored = score_candidates(model, frame)
     return frame_run(scored, -scored["rank"].to_numpy(dtype=float))
-
-
-def _best_single_signal(frame: pd.DataFrame, signals: Sequence[str]) -> str:
-    scores = {c: ranking_metrics(frame, c, [HEADLINE])[HEADLINE] for c in signals if c in frame.columns}
-    if not scores:
-        raise DataError(f"none of the signals {list(signals)} is in the frame that chooses the baseline")
-    return max(scores, key=lambda c: scores[c]).removeprefix(SIGNAL_PREFIX)
 
 
 def _frame_examples(frame: pd.DataFrame) -> list[RankingExample]:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from fusionrank.context import Context, RankingExample
 from fusionrank.errors import ConfigError, FusionrankError, ServiceUnavailable
-from fusionrank.ranker import FEATURE_PREFIX, SIGNAL_PREFIX, Ranker, bert_scores, signal_frame
+from fusionrank.ranker import FEATURE_PREFIX, Ranker
 
 # One online lookup reads at most 500 products (`features.MAX_LOOKUP_PRODUCTS`): a request stays within it.
 MAX_CANDIDATES = 500
@@ -319,7 +319,7 @@ class RankingLogic:
             return pd.DataFrame(columns=["qid", "product_id", "score", "rank"])
         parts = [p.features for p in prepared if p.features is not None and p.example.candidates]
         features = pd.concat(parts, ignore_index=True) if parts else None
-        return self.ranker.score(serving_frame(self.ranker, examples, features))
+        return self.ranker.score(self.ranker.frame(examples, features))
 
     def _response(self, prepared: _Prepared, scored: pd.DataFrame | None) -> RankResponse:
         results: list[RankedProduct] = []
@@ -437,27 +437,4 @@ def online_feature_frame(qid: str, user: Mapping[str, Any], products: pd.DataFra
     for name, value in user.items():
         if isinstance(value, int | float | np.number) and not isinstance(value, bool):
             frame[f"{FEATURE_PREFIX}{name}"] = float(value)
-    return frame
-
-
-def serving_frame(
-    ranker: Ranker, examples: Sequence[RankingExample], features: pd.DataFrame | None
-) -> pd.DataFrame:
-    """The candidate frame of `examples`, as `Ranker.frame` builds it, except that under a cascade fusion
-    BERT scores only the cascade's shortlist (the other rows' `s_bert` is never read, and stays NaN)."""
-    fusion = ranker.fusions[ranker.selected]
-    if ranker.bert is None or getattr(fusion, "kind", None) != "cascade":
-        return ranker.frame(examples, features)
-    from fusionrank.fusion import cascade_shortlist
-
-    frame = signal_frame(examples, ranker.signals, features)
-    shortlist = cascade_shortlist(fusion, frame)
-    keep = shortlist.groupby("qid", sort=False)["product_id"].agg(list).to_dict()
-    short = [
-        RankingExample(context=e.context, candidates=keep.get(e.qid, [])) for e in examples if keep.get(e.qid)
-    ]
-    scores = bert_scores(ranker.bert, short, ranker.titles)
-    column = f"{SIGNAL_PREFIX}bert"
-    frame[column] = np.nan
-    frame.loc[shortlist.index, column] = scores
     return frame
