@@ -81,7 +81,16 @@ def test_validate_fails_on_bad_rows_and_says_which(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", [["promote", "7"], ["rollback"]])
 def test_registry_errors_leave_aliases_alone(tmp_path: Path, command: list[str]) -> None:
-    result = fusionrank(*command, "--home", str(tmp_path), "--model", "m")
+    from fusionrank.registry import Registry, local_registry_uri
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    registry = Registry(local_registry_uri(tmp_path / "home"), "m")
+    registry.promote(registry.register(bundle, "run-1", {}).version)
+    before = {v.version: v.aliases for v in registry.versions()}
+    result = fusionrank(*command, "--home", str(tmp_path / "home"), "--model", "m")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert ("no version 7" in result.stderr) or ("no 'previous' version" in result.stderr)
+    assert {v.version: v.aliases for v in registry.versions()} == before == {1: ["challenger", "champion"]}
