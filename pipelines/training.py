@@ -7,6 +7,7 @@ from components.drift import drift
 from components.evaluate import evaluate
 from components.features import features
 from components.finetune_bert import finetune_bert
+from components.finetune_biencoder import finetune_biencoder
 from components.fit_fusion import fit_fusion
 from components.gate import gate, report_rejection
 from components.ingest import ingest
@@ -65,6 +66,14 @@ def training_pipeline(
     bert_learning_rate: float = 5e-5,
     bert_max_train_samples: int = 0,
     bert_max_steps: int = 0,
+    bi_epochs: int = 1,
+    bi_batch_size: int = 32,
+    bi_max_length: int = 48,
+    bi_learning_rate: float = 5e-5,
+    bi_max_train_samples: int = 0,
+    embed_max_products: int = 0,
+    hybrid_k: int = 20,
+    int8_serving: bool = True,
     cascade_k: int = 20,
     gate_config: dict = DEFAULT_GATE,
     registry_uri: str = "http://mlflow.fusionrank.svc.cluster.local:5000",
@@ -72,7 +81,7 @@ def training_pipeline(
     promote: bool = True,
     git_revision: str = "",
 ) -> str:
-    """Ingest, validate, split, features, candidates, BERT, fusion, evaluate and drift, gate, then ship."""
+    """Ingest, validate, split, features, candidates, BERT, bi-encoder, fusion, evaluation, gate, shipping."""
     ingest_task = _resources(
         ingest(
             source=source, data_dir=data_dir, max_queries=max_queries, max_users=max_users, seed=seed
@@ -141,15 +150,41 @@ def training_pipeline(
     kubernetes.empty_dir_mount(finetune_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
     kubernetes.set_timeout(finetune_task, seconds=6 * 3600)
 
-    fusion_task = _resources(
-        fit_fusion(
-            scored_frames=finetune_task.outputs["scored_frames"], cascade_k=cascade_k, seed=seed
+    biencoder_task = _resources(
+        finetune_biencoder(
+            dataset=ingest_task.outputs["dataset"],
+            splits=split_task.outputs["splits"],
+            feature_store=features_task.outputs["feature_store"],
+            signals=candidates_task.outputs["signals"],
+            bert=finetune_task.outputs["bert"],
+            scored_frames=finetune_task.outputs["scored_frames"],
+            base_model=base_model,
+            tiny_model=tiny_model,
+            epochs=bi_epochs,
+            batch_size=bi_batch_size,
+            max_length=bi_max_length,
+            learning_rate=bi_learning_rate,
+            max_train_samples=bi_max_train_samples,
+            embed_max_products=embed_max_products,
+            hybrid_k=hybrid_k,
+            int8=int8_serving,
+            seed=seed,
         ).set_caching_options(True),
+        HEAVY,
+    )
+    biencoder_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    kubernetes.add_toleration(biencoder_task, key=GPU_NODE_TAINT, operator="Exists", effect="NoSchedule")
+    kubernetes.empty_dir_mount(biencoder_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+    kubernetes.set_timeout(biencoder_task, seconds=6 * 3600)
+    scored_frames = biencoder_task.outputs["dense_frames"]
+
+    fusion_task = _resources(
+        fit_fusion(scored_frames=scored_frames, cascade_k=cascade_k, seed=seed).set_caching_options(True),
         MEDIUM,
     )
     evaluate_task = _resources(
         evaluate(
-            scored_frames=finetune_task.outputs["scored_frames"],
+            scored_frames=scored_frames,
             fusion=fusion_task.outputs["fusion"],
             registry_uri=registry_uri,
             model_name=model_name,
@@ -159,7 +194,7 @@ def training_pipeline(
     )
     drift_task = _resources(
         drift(
-            scored_frames=finetune_task.outputs["scored_frames"],
+            scored_frames=scored_frames,
             fusion=fusion_task.outputs["fusion"],
             registry_uri=registry_uri,
             model_name=model_name,
@@ -179,11 +214,11 @@ def training_pipeline(
         package_task = _resources(
             package(
                 dataset=ingest_task.outputs["dataset"],
-                signals=candidates_task.outputs["signals"],
+                signals=biencoder_task.outputs["all_signals"],
                 bert=finetune_task.outputs["bert"],
                 fusion=fusion_task.outputs["fusion"],
                 feature_store=features_task.outputs["feature_store"],
-                scored_frames=finetune_task.outputs["scored_frames"],
+                scored_frames=scored_frames,
                 data_hash=ingest_task.outputs["data_hash"],
                 feature_service=features_task.outputs["Output"],
                 git_revision=git_revision,

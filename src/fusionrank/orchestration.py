@@ -31,6 +31,11 @@ LOCAL_DEFAULTS: dict[str, object] = {
     "bert_max_length": 48,
     # few steps on a CPU sample: a higher rate than the full GPU run's (benchmarks/bert_quality.py)
     "bert_learning_rate": 3e-4,
+    "bi_max_train_samples": 300,
+    "bi_epochs": 2,
+    "bi_learning_rate": 5e-5,
+    # every candidate of the evaluation frames, and a random draw of the catalog up to this many
+    "embed_max_products": 8000,
 }
 FULL_OVERRIDES: dict[str, object] = {
     "max_queries": 0,
@@ -42,6 +47,9 @@ FULL_OVERRIDES: dict[str, object] = {
     "bert_max_length": 64,
     "bert_learning_rate": 1e-4,
     "bert_epochs": 2,
+    "bi_max_train_samples": 0,
+    "bi_batch_size": 64,
+    "embed_max_products": 0,
 }
 STEP_ORDER = (
     "ingest",
@@ -51,6 +59,7 @@ STEP_ORDER = (
     "features",
     "candidates",
     "finetune-bert",
+    "finetune-biencoder",
     "fit-fusion",
     "evaluate",
     "drift",

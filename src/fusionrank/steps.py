@@ -28,6 +28,7 @@ from fusionrank.ranker import (
     signal_frame,
     write_bundle,
 )
+from fusionrank.signals.base import FallbackRetriever
 
 SPLIT_NAMES = ("train", "valid", "test")
 STORE_INFO = "feature_store.json"
@@ -512,6 +513,184 @@ def finetune_step(
     figures = {"train_pairs": float(len(pairs))}
     figures.update({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
     return figures
+
+
+# 4b. the bi-encoder: distilled from the cross-encoder, dense signal, hybrid candidates
+
+RECALL_K = 100
+
+
+def embed_ids(tables: Tables, frames: list[pd.DataFrame], max_products: int, seed: int) -> list[str] | None:
+    """The products a run embeds: the whole catalog when `max_products` is 0, else every candidate of the
+    evaluation frames (so each gets a dense score) plus a seeded random draw of the rest of the catalog.
+
+    A sampled catalog makes dense retrieval's recall a lower bound (a judged product outside the draw cannot
+    be retrieved); the full run embeds everything.
+    """
+    catalog = tables.products["product_id"].astype(str)
+    if not max_products or max_products >= len(catalog):
+        return None
+    chosen = dict.fromkeys(p for frame in frames for p in frame["product_id"].astype(str))
+    rest = np.setdiff1d(catalog.to_numpy(), np.fromiter(chosen, dtype=object, count=len(chosen)))
+    extra = max(0, max_products - len(chosen))
+    drawn = np.random.default_rng(seed).permutation(np.sort(rest))[:extra]
+    return [*chosen, *drawn.tolist()]
+
+
+def generator_recall(
+    examples: list[RankingExample], generators: dict[str, object], k: int = RECALL_K
+) -> dict[str, float]:
+    """Mean recall@k over requests of each candidate generator (a `retrieve(context, k)` object, or a list
+    of them fused by reciprocal rank) against every judged relevant product, retrieved or not."""
+    from fusionrank.signals.dense import fused_retrieve
+
+    recall: dict[str, list[float]] = {name: [] for name in generators}
+    for example in examples:
+        relevant = {p for p, g in example.gains.items() if g > 0}
+        if not relevant:
+            continue
+        for name, generator in generators.items():
+            if isinstance(generator, list):
+                found = fused_retrieve(generator, example.context, k)
+            else:
+                found = [pid for pid, _ in generator.retrieve(example.context, k)]
+            recall[name].append(len(relevant.intersection(found)) / len(relevant))
+    return {name: float(np.mean(values)) if values else float("nan") for name, values in recall.items()}
+
+
+def biencoder_step(
+    dataset_dir: str,
+    splits_dir: str,
+    store_dir: str,
+    signals_dir: str,
+    bert_dir: str,
+    scored_dir: str,
+    base_model: str,
+    tiny_model: bool,
+    epochs: int,
+    batch_size: int,
+    max_length: int,
+    learning_rate: float,
+    max_train_samples: int,
+    embed_max_products: int,
+    hybrid_k: int,
+    int8: bool,
+    seed: int,
+    out_signals_dir: str,
+    out_scored_dir: str,
+) -> dict[str, float]:
+    """Distil the fine-tuned cross-encoder into a bi-encoder; add the dense signal to the run.
+
+    The bi-encoder trains on the cross-encoder's training pairs (same hard negatives) with the
+    cross-encoder's scores as the teacher (margin-MSE) beside in-batch negatives, keeping the epoch with
+    the best NDCG@10 on the validation candidates. The catalog's embeddings are saved with the model as
+    the `dense` signal, written beside the traditional signals (`out_signals_dir`). The scored frames gain
+    `s_dense` for every candidate; with `hybrid_k` > 0 a search request's candidates also gain the dense
+    retriever's top `hybrid_k` that BM25 missed (hybrid retrieval), scored by every signal. Returns training
+    figures and recall@100 of each candidate generator and of their fusion, on valid and test.
+    """
+    import shutil
+    import tempfile
+
+    from fusionrank.bert import CrossEncoder, default_base_model, make_tiny_bert
+    from fusionrank.biencoder import BiEncoder, BiEncoderConfig, finetune_bi_encoder
+    from fusionrank.signals.base import load_signal
+    from fusionrank.signals.dense import DenseSignal
+
+    tables = Tables.read(dataset_dir)
+    mode, parts = read_splits(splits_dir)
+    titles = dict(
+        zip(tables.products["product_id"].astype(str), tables.products["title"].astype(str), strict=True)
+    )
+    signals = {p.name: load_signal(p) for p in sorted(Path(signals_dir).iterdir()) if p.is_dir()}
+    retriever = signals["bm25" if mode == "search" else "item_knn"]
+    teacher = CrossEncoder.load(bert_dir)
+    pairs = training_pairs(tables, mode, parts["train"], max_train_samples, seed, retriever=retriever)
+    pairs["teacher"] = teacher.score(pairs["context"].tolist(), pairs["text"].tolist())
+    valid_frame, valid_contexts = read_frames(scored_dir, "valid")
+    config = BiEncoderConfig(
+        epochs=epochs, batch_size=batch_size, max_length=max_length, learning_rate=learning_rate, seed=seed
+    )
+    frames = {which: read_frames(scored_dir, which) for which in EVAL_SPLITS}
+    with tempfile.TemporaryDirectory(prefix="fusionrank-biencoder-") as scratch:
+        if tiny_model:
+            base = make_tiny_bert(Path(scratch) / "tiny-base")
+        else:
+            base = Path(base_model) if base_model else default_base_model()
+        work = Path(scratch) / "checkpoint"
+        valid_pairs = _bert_frame(valid_frame, valid_contexts, titles)
+        metrics = finetune_bi_encoder(pairs, valid_pairs, base, work, config)
+        ids = embed_ids(tables, [frame for frame, _ in frames.values()], embed_max_products, seed)
+        dense = DenseSignal.build(BiEncoder.load(work), tables.products, ids, int8=int8)
+    shutil.copytree(signals_dir, out_signals_dir, dirs_exist_ok=True)
+    dense.save(Path(out_signals_dir) / dense.name)
+
+    out = Path(out_scored_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, float] = {
+        "train_groups": float(metrics["train_groups"]),
+        "embedded_products": float(len(dense.index)),
+        "catalog_coverage": dense.coverage,
+        **{k: float(v) for k, v in metrics.items() if k.startswith("valid_")},
+    }
+    popular = signals.get("popularity")
+    for which, (frame, contexts) in frames.items():
+        qrels = pd.read_parquet(Path(scored_dir) / f"{which}_qrels.parquet")
+        examples = examples_from_frames(frame, contexts, qrels)
+        first = retriever if mode == "search" else FallbackRetriever(retriever, popular)
+        generators: dict[str, object] = {retriever.name: first, "dense": dense, "hybrid": [first, dense]}
+        for name, value in generator_recall(examples, generators).items():
+            figures[f"{which}_recall@{RECALL_K}_{name}"] = value
+        if mode == "search" and hybrid_k > 0:
+            frame = _add_dense_candidates(
+                frame, examples, dense, hybrid_k, signals, teacher, titles, store_dir, parts, which
+            )
+        frame = frame.copy()
+        current = examples_from_frames(frame, contexts)
+        scores = dense.score_batch([e.context for e in current], [e.candidates for e in current])
+        frame["s_dense"] = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+        figures[f"{which}_candidates"] = float(len(frame))
+        frame.to_parquet(out / f"{which}.parquet", index=False)
+        for extra in ("contexts", "qrels"):
+            shutil.copy(Path(scored_dir) / f"{which}_{extra}.parquet", out / f"{which}_{extra}.parquet")
+    info = _read_json(Path(scored_dir) / "frames.json")
+    info["signals"] = sorted({*info["signals"], dense.name})
+    info["hybrid_k"] = hybrid_k if mode == "search" else 0
+    _write_json(out / "frames.json", info)
+    return figures
+
+
+def _add_dense_candidates(
+    frame: pd.DataFrame,
+    examples: list[RankingExample],
+    dense,
+    hybrid_k: int,
+    signals: dict[str, object],
+    teacher,
+    titles: dict[str, str],
+    store_dir: str,
+    parts: dict[str, pd.DataFrame],
+    which: str,
+) -> pd.DataFrame:
+    """`frame` with each request's dense top `hybrid_k` that it lacks, every signal computed for them."""
+    from fusionrank.ranker import bert_scores
+
+    added = []
+    for example in examples:
+        have = set(example.candidates)
+        extra = [pid for pid, _ in dense.retrieve(example.context, hybrid_k) if pid not in have]
+        if extra:
+            added.append(RankingExample(example.context, extra, example.gains))
+    if not added:
+        return frame
+    traditional = {name: s for name, s in signals.items() if name != dense.name}
+    rows = signal_frame(added, traditional, feature_frame(store_dir, added, parts, which))
+    rows["s_bert"] = bert_scores(teacher, added, titles)
+    merged = pd.concat([frame, rows[frame.columns.intersection(rows.columns)]], ignore_index=True)
+    # each request's rows together, BM25's candidates first, in the order the frames were written
+    order = {qid: i for i, qid in enumerate(dict.fromkeys(frame["qid"]))}
+    merged["_order"] = merged["qid"].map(order)
+    return merged.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
 # 5. fusion, evaluation, drift, gate

@@ -143,6 +143,7 @@ def load_signal(directory: str | Path) -> Signal:
     """Load whichever signal a `save` left in `directory`."""
     from fusionrank.signals.bm25 import BM25Signal
     from fusionrank.signals.cf import EASESignal, ItemKNNSignal
+    from fusionrank.signals.dense import DenseSignal
     from fusionrank.signals.popularity import PopularitySignal
 
     classes: dict[str, Any] = {
@@ -150,6 +151,7 @@ def load_signal(directory: str | Path) -> Signal:
         "popularity": PopularitySignal,
         "item_knn": ItemKNNSignal,
         "ease": EASESignal,
+        "dense": DenseSignal,
     }
     kind = read_meta(directory)["kind"]
     if kind not in classes:

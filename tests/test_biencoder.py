@@ -1,0 +1,216 @@
+"""The bi-encoder (distillation, int8 inference) and the dense signal built on it, on a tiny BERT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fusionrank.bert import make_tiny_bert
+from fusionrank.biencoder import (
+    BiEncoder,
+    BiEncoderConfig,
+    _group_loss,
+    _training_groups,
+    dense_pair_scores,
+    finetune_bi_encoder,
+)
+from fusionrank.context import Context, RankingExample
+from fusionrank.errors import ConfigError, DataError
+from fusionrank.signals.base import load_signal
+from fusionrank.signals.dense import DenseSignal, fused_retrieve
+from fusionrank.steps import embed_ids, generator_recall
+
+WORDS = ["drill", "hammer", "paint", "lamp", "pipe", "saw", "tile", "fan"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+def toy_pairs(groups: int = 40, teacher: bool = True) -> pd.DataFrame:
+    """Each query names a word; its positive product carries the word, its negatives other words."""
+    rows = []
+    for q in range(groups):
+        word = WORDS[q % len(WORDS)]
+        rows.append((f"{word} {q}", f"{word} model {q}", 2.0, f"g{q}", 3.0))
+        for j in range(5):
+            other = WORDS[(q + j + 1) % len(WORDS)]
+            rows.append((f"{word} {q}", f"{other} item {j}", 0.0, f"g{q}", -1.0 - j / 10))
+    frame = pd.DataFrame(rows, columns=["context", "text", "label", "group", "teacher"])
+    return frame if teacher else frame.drop(columns="teacher")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("batch_size", 0), ("temperature", 0.0), ("distill_weight", -1.0), ("max_length", 2), ("group_size", 0)],
+)
+def test_impossible_settings_are_refused_with_their_name(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=field):
+        BiEncoderConfig(**{field: value})
+
+
+def test_training_learns_the_toy_task_and_saves_a_loadable_checkpoint(tiny: Path, tmp_path: Path) -> None:
+    pairs = toy_pairs()
+    before = BiEncoder.load(tiny)
+    untrained = dense_pair_scores(before, pairs["context"].tolist(), pairs["text"].tolist())
+    config = BiEncoderConfig(batch_size=8, epochs=4, learning_rate=2e-3, early_stopping_patience=4)
+    record = finetune_bi_encoder(pairs, pairs.drop(columns="teacher"), tiny, tmp_path / "bi", config)
+
+    assert record["distilled"] is True
+    assert record["train_groups"] == 40
+    first, last = record["epochs"][0], record["epochs"][-1]
+    assert last["train_margin_mse"] < first["train_margin_mse"]
+    assert (tmp_path / "bi" / "biencoder.json").is_file()
+    trained = BiEncoder.load(tmp_path / "bi")
+    scores = dense_pair_scores(trained, pairs["context"].tolist(), pairs["text"].tolist())
+    positive = pairs["label"].to_numpy() > 0
+    # the positive's margin over the negatives grows with training
+    assert (
+        scores[positive].mean() - scores[~positive].mean()
+        > untrained[positive].mean() - untrained[~positive].mean()
+    )
+
+
+def test_without_a_teacher_only_the_contrastive_loss_trains(tiny: Path, tmp_path: Path) -> None:
+    config = BiEncoderConfig(batch_size=8, epochs=1)
+    record = finetune_bi_encoder(toy_pairs(teacher=False), None, tiny, tmp_path / "bi", config)
+    assert record["distilled"] is False
+    assert record["epochs"][0]["train_margin_mse"] == 0.0
+
+
+def test_groups_without_a_positive_are_skipped_and_none_at_all_is_an_error(
+    tiny: Path, tmp_path: Path
+) -> None:
+    pairs = toy_pairs(groups=4)
+    pairs.loc[pairs["group"] == "g0", "label"] = 0.0
+    groups = _training_groups(pairs, BiEncoderConfig(), np.random.default_rng(0))
+    assert len(groups.context_ids) == 3
+    pairs["label"] = 0.0
+    with pytest.raises(ConfigError, match="no training group has a positive"):
+        finetune_bi_encoder(pairs, None, tiny, tmp_path / "bi", BiEncoderConfig())
+
+
+def test_missing_teacher_scores_are_refused(tiny: Path, tmp_path: Path) -> None:
+    pairs = toy_pairs(groups=4)
+    pairs.loc[3, "teacher"] = np.nan
+    with pytest.raises(ConfigError, match="teacher"):
+        finetune_bi_encoder(pairs, None, tiny, tmp_path / "bi", BiEncoderConfig())
+
+
+def test_other_relevant_products_of_a_group_are_not_its_negatives() -> None:
+    # one group, anchor + a second relevant product + a negative; the second relevant one scores highest
+    pairs = pd.DataFrame(
+        {
+            "context": ["q"] * 3,
+            "text": ["best", "also good", "bad"],
+            "label": [2.0, 1.0, 0.0],
+            "group": ["g"] * 3,
+            "teacher": [2.0, 1.0, 0.0],
+        }
+    )
+    config = BiEncoderConfig(distill_weight=0.0, temperature=1.0)
+    groups = _training_groups(pairs, config, np.random.default_rng(0))
+    query = torch.tensor([[1.0, 0.0]])
+    products = torch.nn.functional.normalize(torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    masked, _ = _group_loss(query, products, [0], groups, config)
+    logits = query @ products.T / config.temperature
+    expected = torch.logsumexp(logits[0, [0, 2]], 0) - logits[0, 0]
+    assert masked.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert masked.item() < (torch.logsumexp(logits[0], 0) - logits[0, 0]).item()
+
+
+def test_encodings_are_unit_length_in_input_order_and_int8_stays_close(tiny: Path) -> None:
+    encoder = BiEncoder.load(tiny)
+    texts = ["a cordless drill with two batteries", "lamp", "", "paint roller"]
+    vectors = encoder.encode(texts, batch_size=2)
+    assert vectors.shape == (4, encoder.dimension)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(vectors[1], encoder.encode(["lamp"])[0], atol=1e-5)
+    quantized = encoder.int8()
+    assert quantized.quantized
+    assert (quantized.encode(texts) * vectors).sum(axis=1).min() > 0.95
+    with pytest.raises(ConfigError, match="fp32"):
+        quantized.save("unused")
+
+
+@pytest.fixture(scope="module")
+def products() -> pd.DataFrame:
+    ids = [f"p{i}" for i in range(12)]
+    titles = [f"{WORDS[i % len(WORDS)]} number {i}" for i in range(12)]
+    return pd.DataFrame({"product_id": ids, "title": titles})
+
+
+def test_dense_signal_scores_retrieves_and_round_trips(
+    tiny: Path, products: pd.DataFrame, tmp_path: Path
+) -> None:
+    signal = DenseSignal.build(
+        BiEncoder.load(tiny), products, embed_ids=[f"p{i}" for i in range(10)], int8=True
+    )
+    assert signal.coverage == pytest.approx(10 / 12)
+    query, user, cold = (
+        Context(query="drill"),
+        Context(user_id="u", history=("p0", "p1")),
+        Context(user_id="v"),
+    )
+    scores = signal.score_batch([query, user, cold], [["p0", "p11", "nope"], ["p2"], ["p2"]])
+    assert np.isfinite(scores[0][0])
+    assert np.isnan(scores[0][1:]).all()  # no embedding / not in the catalog
+    assert np.isnan(scores[2]).all()  # a cold-start user without a query has no context text
+    hits = signal.retrieve(user, 5)
+    assert len(hits) == 5
+    assert not {"p0", "p1"} & {pid for pid, _ in hits}
+    assert signal.retrieve(cold, 5) == []
+
+    signal.save(tmp_path / "dense")
+    loaded = load_signal(tmp_path / "dense")
+    assert isinstance(loaded, DenseSignal)
+    assert loaded.encoder.quantized  # the recorded int8 choice applies on a CPU
+    assert np.allclose(loaded.embeddings, signal.embeddings)
+    again = DenseSignal.load(tmp_path / "dense", int8=False).score(query, ["p0", "p3"])
+    assert np.allclose(again, signal.score(query, ["p0", "p3"]), atol=1e-5)
+
+
+def test_a_damaged_embedding_file_is_named(tiny: Path, products: pd.DataFrame, tmp_path: Path) -> None:
+    DenseSignal.build(BiEncoder.load(tiny), products).save(tmp_path / "dense")
+    np.save(tmp_path / "dense" / "embeddings.npy", np.zeros((3, 2), dtype=np.float32))
+    with pytest.raises(DataError, match=r"embeddings\.npy"):
+        DenseSignal.load(tmp_path / "dense")
+
+
+class Fixed:
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+
+    def retrieve(self, context: Context, k: int) -> list[tuple[str, float]]:
+        return [(pid, 1.0) for pid in self.ids[:k]]
+
+
+def test_hybrid_retrieval_fuses_ranks_and_recall_counts_every_judged_product() -> None:
+    first, second = Fixed(["a", "b", "c"]), Fixed(["c", "d", "a"])
+    assert fused_retrieve([first, second], Context(query="q"), 4) == ["a", "c", "b", "d"]
+    examples = [
+        RankingExample(Context(query="q"), ["a"], {"a": 1.0, "d": 2.0, "z": 1.0, "x": 0.0}),
+        RankingExample(Context(query="r"), ["a"], {"x": 0.0}),  # nothing relevant: left out
+    ]
+    recall = generator_recall(examples, {"one": first, "two": second, "both": [first, second]}, k=3)
+    # the fused top 3 is a, c, b: at the same budget a fusion can lose what one list alone found (d)
+    assert recall == pytest.approx({"one": 1 / 3, "two": 2 / 3, "both": 1 / 3})
+
+
+def test_a_sampled_run_embeds_every_candidate_then_a_draw_of_the_catalog(products: pd.DataFrame) -> None:
+    from fusionrank.data.contract import Tables
+
+    tables = Tables(
+        products=products, judgments=pd.DataFrame({"query": [], "product_id": [], "relevance": []})
+    )
+    frames = [pd.DataFrame({"product_id": ["p3", "p5"]}), pd.DataFrame({"product_id": ["p5", "p7"]})]
+    ids = embed_ids(tables, frames, max_products=6, seed=0)
+    assert ids[:3] == ["p3", "p5", "p7"]
+    assert len(set(ids)) == len(ids) == 6
+    assert embed_ids(tables, frames, max_products=0, seed=0) is None
+    assert embed_ids(tables, frames, max_products=6, seed=0) == ids
