@@ -15,6 +15,8 @@ def package(
     data_hash: str,
     feature_service: str,
     git_revision: str,
+    rerank_k_cpu: int,
+    rerank_k_gpu: int,
     bundle: Output[Model],
 ) -> str:
     """Assemble the ranker bundle, save it to the BentoML store, build a Bento; return the Bento tag."""
@@ -31,6 +33,8 @@ def package(
         feature_service,
         bundle.path,
         git_revision,
+        rerank_k_cpu,
+        rerank_k_gpu,
     )
     bundle.metadata.update(info)
     return info["bento"]

@@ -74,6 +74,8 @@ def training_pipeline(
     embed_max_products: int = 0,
     hybrid_k: int = 20,
     int8_serving: bool = True,
+    rerank_k_cpu: int = 10,
+    rerank_k_gpu: int = -1,
     cascade_k: int = 20,
     gate_config: dict = DEFAULT_GATE,
     registry_uri: str = "http://mlflow.fusionrank.svc.cluster.local:5000",
@@ -222,6 +224,8 @@ def training_pipeline(
                 data_hash=ingest_task.outputs["data_hash"],
                 feature_service=features_task.outputs["Output"],
                 git_revision=git_revision,
+                rerank_k_cpu=rerank_k_cpu,
+                rerank_k_gpu=rerank_k_gpu,
             ).set_caching_options(False),
             MEDIUM,
         )

@@ -214,3 +214,29 @@ def test_a_sampled_run_embeds_every_candidate_then_a_draw_of_the_catalog(product
     assert len(set(ids)) == len(ids) == 6
     assert embed_ids(tables, frames, max_products=0, seed=0) is None
     assert embed_ids(tables, frames, max_products=6, seed=0) == ids
+
+
+def test_the_server_adds_the_dense_top_k_to_bm25_candidates_as_the_pipeline_did(
+    tiny: Path, products: pd.DataFrame
+) -> None:
+    from fusionrank.ranker import Ranker
+    from fusionrank.serving_logic import ServingSettings, resolve_rerank_k, retrieve_candidates
+    from fusionrank.signals.bm25 import BM25Signal
+
+    bm25 = BM25Signal.fit(products)
+    dense = DenseSignal.build(BiEncoder.load(tiny), products)
+    titles = dict(zip(products["product_id"], products["title"], strict=True))
+    serving = {"hybrid_k": 4, "rerank_k_cpu": 5, "rerank_k_gpu": None}
+    ranker = Ranker(Path("."), {"serving": serving}, {"bm25": bm25, "dense": dense}, {}, titles)
+    context = Context(query="drill")
+    lexical = [pid for pid, _ in bm25.retrieve(context, 3)]
+    extra = [pid for pid, _ in dense.retrieve(context, 4) if pid not in lexical]
+    assert retrieve_candidates(ranker, context, 3) == lexical + extra
+    ranker.manifest["serving"] = {**serving, "hybrid_k": 0}
+    assert retrieve_candidates(ranker, context, 3) == lexical
+
+    assert resolve_rerank_k(ranker, ServingSettings()) == 5  # no cross-encoder loaded: the CPU budget
+    assert resolve_rerank_k(ranker, ServingSettings(rerank_k=0)) == 0
+    assert ServingSettings.from_env({"FUSIONRANK_RERANK_K": "7"}).rerank_k == 7
+    with pytest.raises(ConfigError, match="rerank_k"):
+        ServingSettings(rerank_k=-1)

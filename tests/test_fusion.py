@@ -274,3 +274,35 @@ def test_report_writes_markdown_json_and_plot_with_published_figures(tmp_path: P
     assert "SASRec (LLMRank table) | 75.92" in markdown
     assert "| fusion:lambdamart |" in markdown
     assert paths["plot"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_rerank_budget_reorders_only_the_first_stage_top_k(frame: pd.DataFrame) -> None:
+    from fusionrank.fusion import rerank_shortlist, score_with_rerank
+
+    bert_frame = frame.assign(s_bert=frame["s_perfect"])
+    model = fit_weighted(bert_frame, ["s_noise", "s_a", "s_bert"])
+    first = score_candidates(model, bert_frame.assign(s_bert=np.nan))
+    full = score_candidates(model, bert_frame)
+
+    budgeted = score_with_rerank(model, bert_frame, 3)
+    assert len(budgeted) == len(bert_frame)
+    for qid, rows in budgeted.groupby("qid"):
+        assert rows["rank"].tolist() == list(range(1, len(rows) + 1))
+        # the top 3 are the first stage's top 3, in the full fusion's order; the rest keep the first order
+        top3 = first[(first["qid"] == qid) & (first["rank"] <= 3)]["product_id"]
+        assert set(rows["product_id"].head(3)) == set(top3)
+        in_full = full[full["product_id"].isin(set(top3))]["product_id"].tolist()
+        assert rows["product_id"].head(3).tolist() == in_full
+        rest = first[(first["qid"] == qid) & (first["rank"] > 3)]["product_id"].tolist()
+        assert rows["product_id"].iloc[3:].tolist() == rest
+    assert len(rerank_shortlist(model, bert_frame, 3)) == 3 * bert_frame["qid"].nunique()
+
+    def ndcg(scored: pd.DataFrame) -> float:
+        return ranking_metrics(scored, -scored["rank"].to_numpy(float), ["ndcg@10"])["ndcg@10"]
+
+    # the cross-encoder is the perfect signal here: more of it, better rankings
+    assert ndcg(score_with_rerank(model, bert_frame, 0)) < ndcg(budgeted) < ndcg(full)
+    pd.testing.assert_frame_equal(score_with_rerank(model, bert_frame, None), full)
+    # without the cross-encoder column in the model, the budget does nothing
+    plain = fit_weighted(frame, ["s_noise", "s_a"])
+    pd.testing.assert_frame_equal(score_with_rerank(plain, frame, 3), score_candidates(plain, frame))

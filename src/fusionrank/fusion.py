@@ -372,6 +372,44 @@ def score_candidates(model: FusionModel, frame: pd.DataFrame) -> pd.DataFrame:
     return scored
 
 
+RERANK_COLUMN = "s_bert"
+
+
+def rerank_shortlist(model: FusionModel, frame: pd.DataFrame, rerank_k: int) -> pd.Index:
+    """The index labels of the rows whose cross-encoder score a budgeted ranker computes: each query's top
+    `rerank_k` by the fusion with that score missing (the same model; a missing value contributes 0)."""
+    first = score_candidates(model, frame.assign(**{RERANK_COLUMN: np.nan}, _label=frame.index))
+    return pd.Index(first.loc[first["rank"] <= rerank_k, "_label"])
+
+
+def score_with_rerank(model: FusionModel, frame: pd.DataFrame, rerank_k: int | None) -> pd.DataFrame:
+    """`score_candidates` when the cross-encoder scores only each query's top `rerank_k` candidates.
+
+    The fusion ranks every candidate without the cross-encoder's score; its top `rerank_k` are then ranked
+    by the full fusion, their cross-encoder score included, above the rest, which keep the first order (a
+    two-stage cascade over the selected fusion). `rerank_k=None`, a fusion that does not read the score or
+    is a cascade itself (it has its own shortlist) score every row as `score_candidates` does; 0 never
+    calls the cross-encoder. The `rank` column orders the result; the `score`s of the two stages are on
+    different scales.
+    """
+    if rerank_k is None or RERANK_COLUMN not in model.signals or model.kind == "cascade":
+        return score_candidates(model, frame)
+    if rerank_k <= 0:
+        return score_candidates(model, frame.assign(**{RERANK_COLUMN: np.nan}))
+    picked = rerank_shortlist(model, frame, rerank_k)
+    if len(picked) == len(frame):
+        return score_candidates(model, frame)
+    first = score_candidates(model, frame.drop(index=picked).assign(**{RERANK_COLUMN: np.nan}))
+    head = score_candidates(model, frame.loc[picked])
+    head["_stage"], first["_stage"] = 0, 1
+    merged = pd.concat([head, first], ignore_index=True)
+    merged = merged.sort_values(["qid", "_stage", "rank"], kind="stable").reset_index(drop=True)
+    merged["rank"] = merged.groupby("qid", sort=False).cumcount() + 1
+    merged = merged.drop(columns="_stage")
+    merged.attrs["missing_signals"] = head.attrs.get("missing_signals", [])
+    return merged
+
+
 def cascade_shortlist(model: FusionModel, frame: pd.DataFrame) -> pd.DataFrame:
     """The rows a cascade's re-ranker must score: each query's top `k` by the first stage, in frame order.
 

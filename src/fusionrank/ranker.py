@@ -155,35 +155,53 @@ class Ranker:
         return self.manifest["selected_fusion"]
 
     def frame(
-        self, examples: Sequence[RankingExample], features: pd.DataFrame | None = None, shortlist: bool = True
+        self,
+        examples: Sequence[RankingExample],
+        features: pd.DataFrame | None = None,
+        shortlist: bool = True,
+        rerank_k: int | None = None,
     ) -> pd.DataFrame:
         """The candidate frame for `examples` with every signal of this bundle, BERT included.
 
-        Under a cascade fusion BERT scores only the cascade's shortlist (`shortlist=False`: every candidate);
-        the other rows' `s_bert` is never read by the cascade and stays NaN. The server and the champion
-        comparison both build their frames here.
+        The cross-encoder scores only the rows its fusion will read: under a cascade fusion the cascade's
+        shortlist, and with `rerank_k` each request's top `rerank_k` by the fusion without it
+        (`fusion.score_with_rerank`, which `score` applies with the same `rerank_k`). Other rows' `s_bert`
+        stays NaN. `shortlist=False` scores every candidate. The server and the champion comparison both
+        build their frames here.
         """
+        from fusionrank.fusion import cascade_shortlist, rerank_shortlist
+
         frame = signal_frame(examples, self.signals, features)
         if self.bert is None:
             return frame
         fusion = self.fusions[self.selected]
-        if not shortlist or getattr(fusion, "kind", None) != "cascade":
-            frame["s_bert"] = bert_scores(self.bert, examples, self.titles)
-            return frame
-        from fusionrank.fusion import cascade_shortlist
-
-        picked = cascade_shortlist(fusion, frame)
-        keep = picked.groupby("qid", sort=False)["product_id"].agg(list).to_dict()
-        short = [RankingExample(e.context, keep[e.qid]) for e in examples if keep.get(e.qid)]
+        if not shortlist:
+            picked = frame.index
+        elif getattr(fusion, "kind", None) == "cascade":
+            picked = cascade_shortlist(fusion, frame).index
+        elif rerank_k is not None and "s_bert" in fusion.signals:
+            picked = rerank_shortlist(fusion, frame, rerank_k)
+        else:
+            picked = frame.index
         frame["s_bert"] = np.nan
-        frame.loc[picked.index, "s_bert"] = bert_scores(self.bert, short, self.titles)
+        if len(picked):
+            rows = frame.loc[picked]
+            keep = rows.groupby("qid", sort=False)["product_id"].agg(list).to_dict()
+            short = [RankingExample(e.context, keep[e.qid]) for e in examples if keep.get(e.qid)]
+            # bert_scores follows `short` (requests in order, each one's rows in frame order)
+            order = rows.assign(_q=rows["qid"].map({e.qid: i for i, e in enumerate(examples)}))
+            order = order.sort_values("_q", kind="stable").index
+            frame.loc[order, "s_bert"] = bert_scores(self.bert, short, self.titles)
         return frame
 
-    def score(self, frame: pd.DataFrame, fusion: str | None = None) -> pd.DataFrame:
-        """Fused scores and per-signal contributions of a candidate frame (the one scoring function)."""
-        from fusionrank.fusion import score_candidates
+    def score(
+        self, frame: pd.DataFrame, fusion: str | None = None, rerank_k: int | None = None
+    ) -> pd.DataFrame:
+        """Fused scores and per-signal contributions of a candidate frame (the one scoring function), with
+        the cross-encoder's budget `rerank_k` as in `frame`."""
+        from fusionrank.fusion import score_with_rerank
 
-        return score_candidates(self.fusions[fusion or self.selected], frame)
+        return score_with_rerank(self.fusions[fusion or self.selected], frame, rerank_k)
 
 
 def bert_scores(bert, examples: Sequence[RankingExample], titles: Mapping[str, str]) -> np.ndarray:

@@ -115,22 +115,28 @@ class ServingSettings:
     feature_store_yaml: Path | None = None
     store_retry_seconds: float = 30.0
     adaptive_batching: bool = True
+    # How many candidates per request the cross-encoder re-scores; None: the bundle's serving config.
+    rerank_k: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.retrieve_k <= MAX_CANDIDATES:
             raise ConfigError(f"retrieve_k must be between 1 and {MAX_CANDIDATES}, got {self.retrieve_k}")
         if self.store_retry_seconds < 0:
             raise ConfigError(f"store_retry_seconds must not be negative, got {self.store_retry_seconds}")
+        if self.rerank_k is not None and not 0 <= self.rerank_k <= MAX_CANDIDATES:
+            raise ConfigError(f"rerank_k must be between 0 and {MAX_CANDIDATES}, got {self.rerank_k}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
-        """Settings from FUSIONRANK_* variables (FEATURE_REPO, FEATURE_STORE_YAML, RETRIEVE_K,
+        """Settings from FUSIONRANK_* variables (FEATURE_REPO, FEATURE_STORE_YAML, RETRIEVE_K, RERANK_K,
         STORE_RETRY_SECONDS, ADAPTIVE_BATCHING=on|off); unset ones keep their defaults."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         try:
             if "FUSIONRANK_RETRIEVE_K" in env:
                 values["retrieve_k"] = int(env["FUSIONRANK_RETRIEVE_K"])
+            if env.get("FUSIONRANK_RERANK_K", "").strip():
+                values["rerank_k"] = int(env["FUSIONRANK_RERANK_K"])
             if "FUSIONRANK_STORE_RETRY_SECONDS" in env:
                 values["store_retry_seconds"] = float(env["FUSIONRANK_STORE_RETRY_SECONDS"])
         except ValueError as exc:
@@ -254,6 +260,7 @@ class RankingLogic:
             data_hash=str(manifest.get("data_hash", "")),
             git_revision=str(manifest.get("git_revision", "")),
         )
+        self.rerank_k = resolve_rerank_k(ranker, self.settings)
 
     def rank_batch(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
         """Rank every request; one frame and one scoring call per group of requests with distinct ids."""
@@ -319,7 +326,8 @@ class RankingLogic:
             return pd.DataFrame(columns=["qid", "product_id", "score", "rank"])
         parts = [p.features for p in prepared if p.features is not None and p.example.candidates]
         features = pd.concat(parts, ignore_index=True) if parts else None
-        return self.ranker.score(self.ranker.frame(examples, features))
+        frame = self.ranker.frame(examples, features, rerank_k=self.rerank_k)
+        return self.ranker.score(frame, rerank_k=self.rerank_k)
 
     def _response(self, prepared: _Prepared, scored: pd.DataFrame | None) -> RankResponse:
         results: list[RankedProduct] = []
@@ -394,34 +402,62 @@ def _distinct_qid_groups(prepared: Sequence[_Prepared]) -> list[list[int]]:
     return groups
 
 
-def retrieve_candidates(ranker: Ranker, context: Context, k: int) -> list[str]:
-    """Up to `k` catalog products for a request without candidates, best first.
+def resolve_rerank_k(ranker: Ranker, settings: ServingSettings) -> int | None:
+    """The cross-encoder's per-request budget: the setting, else the bundle's serving config for the
+    device the cross-encoder runs on (`rerank_k_cpu` / `rerank_k_gpu`), else every candidate (None)."""
+    if settings.rerank_k is not None:
+        return settings.rerank_k
+    config = ranker.manifest.get("serving") or {}
+    device = getattr(getattr(ranker.bert, "device", None), "type", "cpu")
+    value = config.get("rerank_k_gpu" if device == "cuda" else "rerank_k_cpu")
+    return None if value is None else int(value)
 
-    BM25's hits for the query, then item-kNN's for the user's history, then the most popular products to
-    fill the list: a cold-start user (no history) gets popularity, plus BM25 when there is a query.
+
+def retrieve_candidates(ranker: Ranker, context: Context, k: int) -> list[str]:
+    """Candidates for a request without any, as the pipeline built its evaluation candidates.
+
+    BM25's top `k` for a query, then item-kNN's for a history; with a dense signal and the bundle's
+    `hybrid_k` (serving config), those of the bi-encoder's top `hybrid_k` that they missed are added (hybrid
+    retrieval: up to `k + hybrid_k` candidates); the most popular products fill the list up to `k`, so a
+    cold-start user without a query gets popularity.
     """
     from fusionrank.signals.bm25 import BM25Signal
     from fusionrank.signals.cf import ItemKNNSignal
+    from fusionrank.signals.dense import DenseSignal
     from fusionrank.signals.popularity import PopularitySignal
 
     signals = list(ranker.signals.values())
-    retrievers: list[Any] = []
+    primary: list[Any] = []
     if context.query:
-        retrievers += [s for s in signals if isinstance(s, BM25Signal)][:1]
+        primary += [s for s in signals if isinstance(s, BM25Signal)][:1]
     if context.history:
-        retrievers += [s for s in signals if isinstance(s, ItemKNNSignal)][:1]
+        primary += [s for s in signals if isinstance(s, ItemKNNSignal)][:1]
     popular = [s for s in signals if isinstance(s, PopularitySignal)]
     popular.sort(key=lambda s: (s.name != POPULARITY_NAME, s.name))
-    retrievers += popular[:1]
+    dense = [s for s in signals if isinstance(s, DenseSignal)][:1]
+    hybrid_k = int((ranker.manifest.get("serving") or {}).get("hybrid_k", 0))
 
     picked: dict[str, None] = {}
-    for retriever in retrievers:
+
+    def take(retriever: Any, limit: int, count: int) -> None:
         # ask for more than missing: hits outside the catalog or already picked are skipped
-        for pid, _ in retriever.retrieve(context, k + len(picked)):
+        added = 0
+        for pid, _ in retriever.retrieve(context, count + len(picked)):
+            if len(picked) >= limit or added >= count:
+                return
             if pid in ranker.titles and pid not in picked:
                 picked[pid] = None
-                if len(picked) == k:
-                    return list(picked)
+                added += 1
+
+    for retriever in primary:
+        take(retriever, k, k)
+    if dense and hybrid_k and (context.query or context.history):
+        # the dense top `hybrid_k` itself, less what is already there (as `steps._add_dense_candidates`)
+        for pid, _ in dense[0].retrieve(context, hybrid_k):
+            if pid in ranker.titles:
+                picked.setdefault(pid, None)
+    for retriever in popular[:1]:
+        take(retriever, k, k)
     return list(picked)
 
 
