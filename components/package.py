@@ -17,6 +17,7 @@ def package(
     git_revision: str,
     rerank_k_cpu: int,
     rerank_k_gpu: int,
+    int8: bool,
     bundle: Output[Model],
 ) -> str:
     """Assemble the ranker bundle, save it to the BentoML store, build a Bento; return the Bento tag."""
@@ -35,6 +36,7 @@ def package(
         git_revision,
         rerank_k_cpu,
         rerank_k_gpu,
+        int8,
     )
     bundle.metadata.update(info)
     return info["bento"]

@@ -226,6 +226,7 @@ def training_pipeline(
                 git_revision=git_revision,
                 rerank_k_cpu=rerank_k_cpu,
                 rerank_k_gpu=rerank_k_gpu,
+                int8=int8_serving,
             ).set_caching_options(False),
             MEDIUM,
         )

@@ -53,7 +53,7 @@ class FusionRanker:
         from fusionrank.serving_logic import RankingLogic, ServingSettings, open_online_store
 
         settings = ServingSettings.from_env()
-        ranker = Ranker.load(Path(self.bundle.path) / BUNDLE_DIR)
+        ranker = Ranker.load(Path(self.bundle.path) / BUNDLE_DIR, int8=settings.int8)
         self.logic = RankingLogic(ranker, str(self.bundle.tag), open_online_store(ranker, settings), settings)
         self._limiter = None
 

@@ -26,6 +26,7 @@ import pandas as pd
 
 from fusionrank.context import Context, RankingExample
 from fusionrank.errors import DataError
+from fusionrank.signals.base import read_meta
 
 SIGNAL_PREFIX = "s_"
 FEATURE_PREFIX = "f_"
@@ -125,17 +126,32 @@ class Ranker:
     extra_signals: dict[str, object] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, directory: str | Path, load_bert: bool = True) -> Ranker:
-        """Load every part of the bundle in `directory`."""
+    def load(cls, directory: str | Path, load_bert: bool = True, int8: bool | None = None) -> Ranker:
+        """Load every part of the bundle in `directory`.
+
+        `int8` applies int8 dynamic quantization to the CPU inference of the cross-encoder and of the dense
+        signal's context encoder; None follows the bundle's serving config (`serving.int8`). It changes
+        nothing on a GPU.
+        """
         from fusionrank.fusion import FusionModel
         from fusionrank.signals.base import load_signal
+        from fusionrank.signals.dense import KIND as DENSE_KIND
+        from fusionrank.signals.dense import DenseSignal
 
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.is_file():
             raise DataError(f"{directory}: not a ranker bundle (no {MANIFEST})")
         manifest = json.loads(path.read_text())
-        signals = {name: load_signal(directory / "signals" / name) for name in manifest["signals"]}
+        if int8 is None:
+            int8 = bool((manifest.get("serving") or {}).get("int8", False))
+        signals = {}
+        for name in manifest["signals"]:
+            folder = directory / "signals" / name
+            if read_meta(folder).get("kind") == DENSE_KIND:
+                signals[name] = DenseSignal.load(folder, int8=int8)
+            else:
+                signals[name] = load_signal(folder)
         fusions = {kind: FusionModel.load(directory / "fusion" / kind) for kind in manifest["fusions"]}
         products = pd.read_parquet(directory / "products.parquet")
         titles = dict(zip(products["product_id"].astype(str), products["title"].astype(str), strict=True))
@@ -144,6 +160,8 @@ class Ranker:
             from fusionrank.bert import CrossEncoder
 
             bert = CrossEncoder.load(directory / "bert")
+            if int8 and bert.device.type == "cpu":
+                bert = bert.int8()
         return cls(directory, manifest, signals, fusions, titles, bert)
 
     @property

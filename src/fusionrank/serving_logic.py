@@ -117,6 +117,8 @@ class ServingSettings:
     adaptive_batching: bool = True
     # How many candidates per request the cross-encoder re-scores; None: the bundle's serving config.
     rerank_k: int | None = None
+    # int8 CPU inference of the cross-encoder and the context encoder; None: the bundle's serving config.
+    int8: bool | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.retrieve_k <= MAX_CANDIDATES:
@@ -129,7 +131,7 @@ class ServingSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
         """Settings from FUSIONRANK_* variables (FEATURE_REPO, FEATURE_STORE_YAML, RETRIEVE_K, RERANK_K,
-        STORE_RETRY_SECONDS, ADAPTIVE_BATCHING=on|off); unset ones keep their defaults."""
+        INT8=on|off, STORE_RETRY_SECONDS, ADAPTIVE_BATCHING=on|off); unset ones keep their defaults."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         try:
@@ -147,6 +149,11 @@ class ServingSettings:
         ):
             if env.get(key):
                 values[name] = Path(env[key])
+        int8 = env.get("FUSIONRANK_INT8", "").strip().lower()
+        if int8:
+            if int8 not in ("on", "off", "true", "false", "1", "0"):
+                raise ConfigError(f"FUSIONRANK_INT8 must be on or off, got {int8!r}")
+            values["int8"] = int8 in ("on", "true", "1")
         switch = env.get("FUSIONRANK_ADAPTIVE_BATCHING", "on").strip().lower()
         if switch not in ("on", "off", "true", "false", "1", "0"):
             raise ConfigError(f"FUSIONRANK_ADAPTIVE_BATCHING must be on or off, got {switch!r}")

@@ -805,6 +805,7 @@ def package_step(
     git_revision: str = "",
     rerank_k_cpu: int = -1,
     rerank_k_gpu: int = -1,
+    int8: bool = False,
 ) -> dict:
     """Assemble the ranker bundle, save it to the BentoML model store, build the Bento and check its contract.
 
@@ -830,7 +831,7 @@ def package_step(
         "feature_store": str(Path(store_dir).resolve()),
         "data_hash": data_hash,
         "git_revision": git_revision or os.environ.get("FUSIONRANK_GIT_REVISION") or _checkout_revision(),
-        "serving": serving_config(frames_info.get("hybrid_k", 0), rerank_k_cpu, rerank_k_gpu),
+        "serving": serving_config(frames_info.get("hybrid_k", 0), rerank_k_cpu, rerank_k_gpu, int8),
     }
     write_bundle(bundle_dir, manifest, tables.products, signals_dir, fusion_dir, bert_dir, reference)
     saved = save_to_bentoml(Path(bundle_dir), manifest)
@@ -842,12 +843,14 @@ def package_step(
     return {**saved, "contract_requests": check["requests"]}
 
 
-def serving_config(hybrid_k: int, rerank_k_cpu: int, rerank_k_gpu: int) -> dict:
-    """How the server runs this bundle: the dense candidates it adds (`hybrid_k`, as the evaluation did)
-    and how many candidates per request the cross-encoder re-scores on a CPU and on a GPU (a negative
-    number: every candidate, as evaluated; 0: never). FUSIONRANK_RERANK_K overrides both when serving."""
+def serving_config(hybrid_k: int, rerank_k_cpu: int, rerank_k_gpu: int, int8: bool) -> dict:
+    """How the server runs this bundle: the dense candidates it adds (`hybrid_k`, as the evaluation did),
+    how many candidates per request the cross-encoder re-scores on a CPU and on a GPU (a negative number:
+    every candidate, as evaluated; 0: never), and whether CPU inference is int8. FUSIONRANK_RERANK_K and
+    FUSIONRANK_INT8 override them when serving."""
     return {
         "hybrid_k": int(hybrid_k),
+        "int8": bool(int8),
         "rerank_k_cpu": None if rerank_k_cpu < 0 else int(rerank_k_cpu),
         "rerank_k_gpu": None if rerank_k_gpu < 0 else int(rerank_k_gpu),
     }
