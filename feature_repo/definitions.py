@@ -10,7 +10,7 @@ timestamp and stays valid until the entity's next row: the views therefore have 
 from datetime import timedelta
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
-from feast.types import Array, Float64, Int64, String
+from feast.types import Array, Float32, Float64, Int64, String
 
 product = Entity(
     name="product",
@@ -79,6 +79,31 @@ user_features = FeatureView(
         ),
     ],
     source=user_source,
+    online=True,
+    tags={"team": "fusionrank"},
+)
+
+product_embedding_source = FileSource(
+    name="product_embedding_source",
+    path="data/product_embedding.parquet",
+    timestamp_field="event_timestamp",
+    description="One row per embedded product, written by the bi-encoder step with its model version.",
+)
+
+# The bi-encoder's product embeddings, for consumers outside the ranker (the ranker's bundle carries the
+# same vectors with the model that made them). Not part of the ranker's FeatureService: a vector is only
+# meaningful next to its model, so the server reads the bundle's. Feast's SQLite and Redis online stores
+# hold array features; the stores with vector search (e.g. PostgreSQL with pgvector, Milvus, Qdrant) can
+# serve nearest-neighbour retrieval over this view once the catalog outgrows an exact scan.
+product_embedding = FeatureView(
+    name="product_embedding",
+    entities=[product],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="embedding", dtype=Array(Float32), description="Unit-length bi-encoder embedding."),
+        Field(name="embedding_model", dtype=String, description="The run and model that computed it."),
+    ],
+    source=product_embedding_source,
     online=True,
     tags={"team": "fusionrank"},
 )

@@ -413,3 +413,28 @@ def test_a_later_run_on_a_shared_registry_materializes_only_what_is_new(
     assert user["user_recent_products"] == ["inc-c", "inc-b", "inc-a"]
     # inc-a has no row after the first run's end: its value is the one the first run wrote
     assert table["popularity_all"].tolist() == [2, 1]
+
+
+def test_product_embeddings_round_trip_through_the_online_store(
+    homedepot: tuple[Tables, pd.DataFrame, FeatureStoreInfo],
+) -> None:
+    from feast import FeatureStore
+
+    from fusionrank.features import write_product_embeddings
+
+    tables, _, info = homedepot
+    ids = tables.products["product_id"].astype(str).iloc[:5].tolist()
+    vectors = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    written = write_product_embeddings(info, ids, vectors, "dense-test")
+    assert written["rows"] == 5
+    assert (info.repo_path / "data" / "product_embedding.parquet").is_file()
+    store = FeatureStore(repo_path=str(info.repo_path), fs_yaml_file=info.yaml_path)
+    got = store.get_online_features(
+        features=["product_embedding:embedding", "product_embedding:embedding_model"],
+        entity_rows=[{"product_id": pid} for pid in [*ids[:2], "no-such-product"]],
+    ).to_dict()
+    assert np.allclose(np.array(got["embedding"][:2], dtype=np.float32), vectors[:2])
+    assert got["embedding_model"][:2] == ["dense-test", "dense-test"]
+    assert got["embedding"][2] is None
+    with pytest.raises(DataError, match="5 product ids but 4 embeddings"):
+        write_product_embeddings(info, ids, vectors[:4], "dense-test")

@@ -724,3 +724,17 @@ def test_a_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match="not a ranker bundle"):
         save_to_bentoml(tmp_path, {})
+
+
+def test_a_long_query_is_truncated_and_said_so_and_stop_words_still_get_an_answer(ranker) -> None:
+    logic = RankingLogic(ranker, "m:1", None)
+    long = _rank(logic, query=" ".join(["cordless drill with battery"] * 30), k=3)
+    assert long.notes
+    assert "query truncated" in long.notes[0]
+    assert len(long.results) == 3
+    short = _rank(logic, query="drill", k=3)
+    assert short.notes == []
+    # a query of stop words and symbols matches no BM25 term: popularity still answers, no error
+    stop = _rank(logic, query="the of and ?!", k=3)
+    assert len(stop.results) == 3
+    assert stop.retrieved

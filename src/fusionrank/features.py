@@ -49,6 +49,7 @@ Env = Literal["local", "cluster"]
 DEFAULT_FEATURE_SERVICE = "fusionrank_ranker_v1"
 PRODUCT_VIEW = "product_features"
 USER_VIEW = "user_features"
+EMBEDDING_VIEW = "product_embedding"
 HISTORY_LENGTH = 20
 POPULARITY_WINDOWS = {"popularity_7d": pd.Timedelta(days=7), "popularity_30d": pd.Timedelta(days=30)}
 # Home Depot's judgments carry no time; the competition published them on 2016-01-18.
@@ -322,7 +323,8 @@ def materialize_features(
     where = _store_description(store)
     try:
         store.apply(objects)
-        ours = {o.name for o in objects if isinstance(o, FeatureView)}
+        # the views this step computes; the embedding view is written by the bi-encoder step
+        ours = {o.name for o in objects if isinstance(o, FeatureView) and o.name in frames}
         views = [v for v in store.list_feature_views() if v.name in ours]
         fresh = [v.name for v in views if v.most_recent_end_time is None]
         known = [v.name for v in views if v.most_recent_end_time is not None]
@@ -348,6 +350,34 @@ def materialize_features(
         entity_counts={name: int(frame.iloc[:, 0].nunique()) for name, frame in frames.items()},
         as_of=end,
     )
+
+
+def write_product_embeddings(
+    info: FeatureStoreInfo, product_ids: Sequence[str], vectors: np.ndarray, model_version: str
+) -> dict[str, float]:
+    """Write product embeddings to the run's feature store: the offline parquet source of the
+    `product_embedding` view and, directly, its online store (as of the store's snapshot time)."""
+    import time
+
+    if len(product_ids) != len(vectors):
+        raise DataError(f"{len(product_ids)} product ids but {len(vectors)} embeddings")
+    started = time.perf_counter()
+    frame = pd.DataFrame(
+        {
+            "product_id": [str(p) for p in product_ids],
+            "embedding": [np.asarray(v, dtype=np.float32).tolist() for v in vectors],
+            "embedding_model": model_version,
+            "event_timestamp": pd.Timestamp(info.as_of),
+        }
+    )
+    frame.to_parquet(Path(info.repo_path) / "data" / f"{EMBEDDING_VIEW}.parquet", index=False)
+    store = _open_store(Path(info.repo_path), Path(info.yaml_path))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            store.write_to_online_store(EMBEDDING_VIEW, frame)
+    except _unreachable_errors() as exc:
+        raise ServiceUnavailable(f"{_store_description(store)}: cannot write embeddings ({exc})") from exc
+    return {"rows": float(len(frame)), "seconds": time.perf_counter() - started}
 
 
 def _copy_definitions(template_dir: Path, repo: Path) -> None:

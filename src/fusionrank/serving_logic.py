@@ -104,6 +104,9 @@ class RankResponse(BaseModel):
     retrieved: bool = False
     unknown_candidates: list[str] = Field(default_factory=list)
     duplicate_candidates: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(
+        default_factory=list, description="What the ranker changed in the request, e.g. a truncated query."
+    )
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,7 @@ class _Prepared:
     retrieved: bool = False
     unknown: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 class RankingLogic:
@@ -324,8 +328,26 @@ class RankingLogic:
             cold_start=request.user_id is not None and not history,
             retrieved=request.candidates is None,
             unknown=unknown,
+            notes=self._query_notes(request.query),
             duplicates=duplicates,
         )
+
+    def _query_notes(self, query: str | None) -> list[str]:
+        """A note when the text models read only the start of a long query (their token limit)."""
+        if not query:
+            return []
+        models = [self.ranker.bert, *(getattr(s, "encoder", None) for s in self.ranker.signals.values())]
+        models = [m for m in models if m is not None and hasattr(m, "tokenizer")]
+        if not models:
+            return []
+        limit = min(int(m.max_length) for m in models)
+        tokens = len(models[0].tokenizer(query, add_special_tokens=True)["input_ids"])
+        if tokens <= limit:
+            return []
+        # the cross-encoder reads the query beside a product title, so it keeps less than its own limit
+        return [
+            f"query truncated: it has {tokens - 2} tokens; the text models read at most the first {limit - 2}"
+        ]
 
     def _score(self, prepared: Sequence[_Prepared]) -> pd.DataFrame:
         examples = [p.example for p in prepared if p.example.candidates]
@@ -361,6 +383,7 @@ class RankingLogic:
             retrieved=prepared.retrieved,
             unknown_candidates=prepared.unknown,
             duplicate_candidates=prepared.duplicates,
+            notes=prepared.notes,
         )
 
 

@@ -589,6 +589,7 @@ def biencoder_step(
     retriever's top `hybrid_k` that BM25 missed (hybrid retrieval), scored by every signal. Returns training
     figures and recall@100 of each candidate generator and of their fusion, on valid and test.
     """
+    import hashlib
     import shutil
     import tempfile
 
@@ -624,6 +625,10 @@ def biencoder_step(
         dense = DenseSignal.build(BiEncoder.load(work), tables.products, ids, int8=int8)
     shutil.copytree(signals_dir, out_signals_dir, dirs_exist_ok=True)
     dense.save(Path(out_signals_dir) / dense.name)
+    from fusionrank.features import write_product_embeddings
+
+    version = "dense-" + hashlib.sha256(dense.embeddings.tobytes()).hexdigest()[:16]
+    written = write_product_embeddings(read_store_info(store_dir), dense.index.ids, dense.embeddings, version)
 
     out = Path(out_scored_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -631,6 +636,7 @@ def biencoder_step(
         "train_groups": float(metrics["train_groups"]),
         "embedded_products": float(len(dense.index)),
         "catalog_coverage": dense.coverage,
+        "feature_store_embedding_seconds": written["seconds"],
         **{k: float(v) for k, v in metrics.items() if k.startswith("valid_")},
     }
     popular = signals.get("popularity")
