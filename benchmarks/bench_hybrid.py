@@ -40,6 +40,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -420,6 +421,10 @@ def probe(url: str, requests: Sequence[dict]) -> dict[str, Any]:
                 "retrieved": data.get("retrieved"),
                 "results": len(data.get("results", [])),
                 "contributions": sorted((data.get("results") or [{}])[0].get("contributions", {})),
+                # the cross-encoder's part in the returned top k: 0 everywhere when rerank_k is 0
+                "bert_nonzero": sum(
+                    1 for r in data.get("results", []) if r.get("contributions", {}).get("bert", 0) != 0
+                ),
                 "model": (data.get("model") or {}).get("tag"),
             }
         )
@@ -432,9 +437,20 @@ def probe(url: str, requests: Sequence[dict]) -> dict[str, Any]:
         "retrieved": sum(bool(a["retrieved"]) for a in ok),
         "results_per_request": sorted({a["results"] for a in ok}),
         "contributions": ok[0]["contributions"] if ok else [],
+        "results_with_bert_contribution": sum(a["bert_nonzero"] for a in ok),
         "model": ok[0]["model"] if ok else None,
         "errors": [a for a in answers if a.get("status") != 200][:2],
     }
+
+
+def evaluated_retrieve_k(paths: RunPaths) -> int | None:
+    """For search, the BM25 depth the run's evaluation frames used (its `candidates_k`: the longest BM25
+    list of the frames before the dense step), so the server retrieves what was evaluated: the server's
+    own default is 100, whatever `candidates_k` the run had. None for recommendation (candidates sent)."""
+    if not _is_search(paths):
+        return None
+    frame = pd.read_parquet(paths.scored / "test.parquet", columns=["qid"])
+    return int(frame.groupby("qid").size().max()) if len(frame) else None
 
 
 def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
@@ -451,6 +467,7 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
     requests, request_info = test_requests(paths)
     if not requests:
         return {"skipped": "no test requests"}
+    retrieve_k = args.retrieve_k if args.retrieve_k is not None else evaluated_retrieve_k(paths)
     # the measured phase starts where the warm-up stopped, so the warm-up's requests are not sent first again
     shift = args.warmup % len(requests)
     measured = requests[shift:] + requests[:shift]
@@ -462,6 +479,8 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": str(args.torch_threads),
     }
+    if retrieve_k:
+        env["FUSIONRANK_RETRIEVE_K"] = str(retrieve_k)
     configs = [(int8, k) for int8 in (False, True) for k in K_VALUES]
     rows = []
     sweep_started = time.monotonic()
@@ -522,6 +541,7 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
         "requests_per_phase": args.requests,
         "warmup_requests": args.warmup,
         "torch_threads": args.torch_threads,
+        "retrieve_k": retrieve_k,
         "sweep_seconds": round(time.monotonic() - sweep_started, 1),
         "server_logs": str(logs),
         "rows": rows,
@@ -626,7 +646,8 @@ def markdown(result: Mapping[str, Any]) -> str:
             f"clients, {latency['request_set']['requests']} test requests ({latency['request_set']['kind']}, "
             f"k=10) cycled, warm-up {latency['warmup_requests']} requests, up to "
             f"{latency['requests_per_phase']} measured requests per config within its time limit (see "
-            f"'requests'), OMP_NUM_THREADS={latency['torch_threads']}; 'all' served as FUSIONRANK_RERANK_K="
+            f"'requests'), OMP_NUM_THREADS={latency['torch_threads']}, FUSIONRANK_RETRIEVE_K="
+            f"{latency['retrieve_k'] or '(unset)'}; 'all' served as FUSIONRANK_RERANK_K="
             f"{all_k or '(unset: the bundle says every candidate)'}; "
             f"sweep {latency['sweep_seconds']:.0f} s. Feature store "
             f"{latency['feature_store']} ({'present' if latency['feature_store_present'] else 'MISSING'}); "
@@ -728,6 +749,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--budget-minutes", type=float, default=15.0, help="latency sweep budget per dataset")
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--probe", type=int, default=3, help="requests whose answers are checked per config")
+    parser.add_argument(
+        "--retrieve-k",
+        type=int,
+        help="FUSIONRANK_RETRIEVE_K of the server (default: the run's BM25 depth for search, see "
+        "evaluated_retrieve_k)",
+    )
     parser.add_argument("--torch-threads", type=int, default=1, help="OMP_NUM_THREADS of the server")
     parser.add_argument("--p99-target-ms", type=float, default=100.0)
     parser.add_argument("--fp32-check-requests", type=int, default=10, help="fp32 recompute check (0: off)")
@@ -747,4 +774,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    # a background job ignores SIGINT: SIGTERM must still run the `finally` that stops a server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()

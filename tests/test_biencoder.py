@@ -191,15 +191,25 @@ class Fixed:
 
 
 def test_hybrid_retrieval_fuses_ranks_and_recall_counts_every_judged_product() -> None:
+    from fusionrank.signals.dense import dense_extras
+    from fusionrank.steps import recall_generators
+
     first, second = Fixed(["a", "b", "c"]), Fixed(["c", "d", "a"])
     assert fused_retrieve([first, second], Context(query="q"), 4) == ["a", "c", "b", "d"]
+    assert dense_extras(second, Context(query="q"), {"a", "b", "c"}, 1) == []
+    assert dense_extras(second, Context(query="q"), {"a", "b", "c"}, 2) == ["d"]
     examples = [
         RankingExample(Context(query="q"), ["a"], {"a": 1.0, "d": 2.0, "z": 1.0, "x": 0.0}),
         RankingExample(Context(query="r"), ["a"], {"x": 0.0}),  # nothing relevant: left out
     ]
-    recall = generator_recall(examples, {"one": first, "two": second, "both": [first, second]}, k=3)
-    # the fused top 3 is a, c, b: at the same budget a fusion can lose what one list alone found (d)
-    assert recall == pytest.approx({"one": 1 / 3, "two": 2 / 3, "both": 1 / 3})
+    second.name = "dense"
+    generators = recall_generators(first, "lexical", second, hybrid_k=1, k=3)
+    recall = generator_recall(examples, generators)
+    # the fused top 3 is a, c, b: at the same budget a fusion can lose what one list alone found (d);
+    # the hybrid set keeps the first stage's 3 and adds the dense top 1 if it lacks it (c: it has it)
+    assert recall == pytest.approx({"lexical": 1 / 3, "dense": 2 / 3, "rrf@3": 1 / 3, "hybrid@3+1": 1 / 3})
+    generators = recall_generators(first, "lexical", second, hybrid_k=2, k=3)
+    assert generator_recall(examples, generators)["hybrid@3+2"] == pytest.approx(2 / 3)
 
 
 def test_a_sampled_run_embeds_every_candidate_then_a_draw_of_the_catalog(products: pd.DataFrame) -> None:

@@ -296,6 +296,11 @@ def test_a_rerank_budget_reorders_only_the_first_stage_top_k(frame: pd.DataFrame
         rest = first[(first["qid"] == qid) & (first["rank"] > 3)]["product_id"].tolist()
         assert rows["product_id"].iloc[3:].tolist() == rest
     assert len(rerank_shortlist(model, bert_frame, 3)) == 3 * bert_frame["qid"].nunique()
+    # scores descend with rank, and the contributions still sum to the score
+    for _, rows in budgeted.groupby("qid"):
+        assert rows["score"].is_monotonic_decreasing
+    parts = budgeted[[c for c in budgeted.columns if c.startswith("c_")]].sum(axis=1)
+    assert np.allclose(parts, budgeted["score"])
 
     def ndcg(scored: pd.DataFrame) -> float:
         return ranking_metrics(scored, -scored["rank"].to_numpy(float), ["ndcg@10"])["ndcg@10"]

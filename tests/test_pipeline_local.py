@@ -74,6 +74,19 @@ def test_approved_run_packages_and_registers_a_champion(approved: LocalRun, home
     evaluation = json.loads(approved.artifact("evaluate", "evaluation").read_text())
     assert 0.0 <= evaluation["candidate"]["ndcg@10"] <= 1.0
     assert evaluation["champion"] is None
+    # the bi-encoder step: dense scores on every candidate, hybrid rows, recall of each generator
+    assert set(evaluation["generator_recall"]["test"]) == {"bm25", "dense", "rrf@100", "hybrid@100+20"}
+    assert "recall@100" in approved.artifact("evaluate", "table").read_text()
+    frames = approved.artifact("finetune-biencoder", "dense_frames")
+    test = pd.read_parquet(frames / "test.parquet")
+    before = pd.read_parquet(approved.artifact("finetune-bert", "scored_frames") / "test.parquet")
+    assert test["s_dense"].notna().all()
+    assert len(test) >= len(before)
+    bundle = approved.artifact("package", "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert "dense" in manifest["signals"]
+    assert manifest["serving"]["hybrid_k"] == 20
+    assert (bundle / "signals" / "dense" / "embeddings.npy").is_file()
 
 
 def test_rejected_run_registers_nothing_and_says_why(rejected: LocalRun, home: Path) -> None:

@@ -98,6 +98,10 @@ def evaluate_candidate(scored_dir: Path, fusion_dir: Path, registry_uri: str, mo
         "p_value": None,
     }
     markdown = [report.to_markdown(title=f"Test split: every signal and fusion (selected: {selected})")]
+    recall = _generator_recall(scored_dir)
+    if recall:
+        result["generator_recall"] = recall
+        markdown.append(_recall_markdown(recall))
     champion = _champion_runs(registry_uri, model_name, examples, test)
     if champion is not None:
         version, champion_run = champion
@@ -119,6 +123,26 @@ def evaluate_candidate(scored_dir: Path, fusion_dir: Path, registry_uri: str, mo
         **({f"champion_{k}": v for k, v in result["champion"].items()} if result["champion"] else {}),
     }
     return result
+
+
+def _generator_recall(scored_dir: Path) -> dict[str, dict[str, float]]:
+    """Recall@100 of each candidate generator per split, as the bi-encoder step measured it."""
+    path = scored_dir / "frames.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    return info.get("generator_recall", {})
+
+
+def _recall_markdown(recall: dict[str, dict[str, float]]) -> str:
+    names = sorted({name for values in recall.values() for name in values})
+    lines = [
+        "### Candidate generators: recall@100 of every judged relevant product",
+        "",
+        "| split | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for split, values in recall.items():
+        lines.append(f"| {split} | " + " | ".join(f"{values.get(n, float('nan')):.4f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _champion_runs(registry_uri: str, model_name: str, examples, test: pd.DataFrame):

@@ -387,10 +387,10 @@ def score_with_rerank(model: FusionModel, frame: pd.DataFrame, rerank_k: int | N
 
     The fusion ranks every candidate without the cross-encoder's score; its top `rerank_k` are then ranked
     by the full fusion, their cross-encoder score included, above the rest, which keep the first order (a
-    two-stage cascade over the selected fusion). `rerank_k=None`, a fusion that does not read the score or
-    is a cascade itself (it has its own shortlist) score every row as `score_candidates` does; 0 never
-    calls the cross-encoder. The `rank` column orders the result; the `score`s of the two stages are on
-    different scales.
+    two-stage cascade over the selected fusion; the re-ranked tier is lifted above the rest by a per-query
+    offset in `c_bias`, so scores descend with rank and contributions still sum to the score).
+    `rerank_k=None`, a fusion that does not read the score or is a cascade itself (it has its own
+    shortlist) score every row as `score_candidates` does; 0 never calls the cross-encoder.
     """
     if rerank_k is None or RERANK_COLUMN not in model.signals or model.kind == "cascade":
         return score_candidates(model, frame)
@@ -401,6 +401,16 @@ def score_with_rerank(model: FusionModel, frame: pd.DataFrame, rerank_k: int | N
         return score_candidates(model, frame)
     first = score_candidates(model, frame.drop(index=picked).assign(**{RERANK_COLUMN: np.nan}))
     head = score_candidates(model, frame.loc[picked])
+    # each query's re-ranked tier sits above its other candidates, as in a cascade: a per-query offset in
+    # the bias contribution (so that contributions still sum to the score and scores still descend)
+    floor = head.groupby("qid")["score"].min()
+    ceiling = first.groupby("qid")["score"].max()
+    offset = (ceiling.reindex(floor.index) - floor + 1.0).clip(lower=0.0).fillna(0.0)
+    lift = head["qid"].map(offset).to_numpy(dtype=float)
+    head["score"] = head["score"].to_numpy(dtype=float) + lift
+    head[BIAS_COLUMN] = head.get(BIAS_COLUMN, 0.0) + lift
+    if BIAS_COLUMN not in first:
+        first[BIAS_COLUMN] = 0.0
     head["_stage"], first["_stage"] = 0, 1
     merged = pd.concat([head, first], ignore_index=True)
     merged = merged.sort_values(["qid", "_stage", "rank"], kind="stable").reset_index(drop=True)

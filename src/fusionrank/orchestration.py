@@ -32,7 +32,7 @@ LOCAL_DEFAULTS: dict[str, object] = {
     # few steps on a CPU sample: a higher rate than the full GPU run's (benchmarks/bert_quality.py)
     "bert_learning_rate": 3e-4,
     "bi_max_train_samples": 300,
-    "bi_epochs": 2,
+    "bi_epochs": 1,
     "bi_learning_rate": 5e-5,
     # every candidate of the evaluation frames, and a random draw of the catalog up to this many
     "embed_max_products": 8000,

@@ -453,7 +453,7 @@ def retrieve_candidates(ranker: Ranker, context: Context, k: int) -> list[str]:
     """
     from fusionrank.signals.bm25 import BM25Signal
     from fusionrank.signals.cf import ItemKNNSignal
-    from fusionrank.signals.dense import DenseSignal
+    from fusionrank.signals.dense import DenseSignal, dense_extras
     from fusionrank.signals.popularity import PopularitySignal
 
     signals = list(ranker.signals.values())
@@ -482,10 +482,9 @@ def retrieve_candidates(ranker: Ranker, context: Context, k: int) -> list[str]:
     for retriever in primary:
         take(retriever, k, k)
     if dense and hybrid_k and (context.query or context.history):
-        # the dense top `hybrid_k` itself, less what is already there (as `steps._add_dense_candidates`)
-        for pid, _ in dense[0].retrieve(context, hybrid_k):
+        for pid in dense_extras(dense[0], context, set(picked), hybrid_k):
             if pid in ranker.titles:
-                picked.setdefault(pid, None)
+                picked[pid] = None
     for retriever in popular[:1]:
         take(retriever, k, k)
     return list(picked)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from fusionrank.context import RankingExample
+from fusionrank.context import Context, RankingExample
 from fusionrank.data.contract import Tables
 from fusionrank.errors import ConfigError, ValidationFailed
 from fusionrank.ranker import (
@@ -518,6 +519,7 @@ def finetune_step(
 # 4b. the bi-encoder: distilled from the cross-encoder, dense signal, hybrid candidates
 
 RECALL_K = 100
+BI_VALID_REQUESTS = 60
 
 
 def embed_ids(tables: Tables, frames: list[pd.DataFrame], max_products: int, seed: int) -> list[str] | None:
@@ -538,24 +540,45 @@ def embed_ids(tables: Tables, frames: list[pd.DataFrame], max_products: int, see
 
 
 def generator_recall(
-    examples: list[RankingExample], generators: dict[str, object], k: int = RECALL_K
+    examples: list[RankingExample], generators: dict[str, Callable[[Context], list[str]]]
 ) -> dict[str, float]:
-    """Mean recall@k over requests of each candidate generator (a `retrieve(context, k)` object, or a list
-    of them fused by reciprocal rank) against every judged relevant product, retrieved or not."""
-    from fusionrank.signals.dense import fused_retrieve
-
+    """Mean recall over requests of each candidate generator (a function from a context to product ids)
+    against every judged relevant product, retrieved or not; requests without one are left out."""
     recall: dict[str, list[float]] = {name: [] for name in generators}
     for example in examples:
         relevant = {p for p, g in example.gains.items() if g > 0}
         if not relevant:
             continue
         for name, generator in generators.items():
-            if isinstance(generator, list):
-                found = fused_retrieve(generator, example.context, k)
-            else:
-                found = [pid for pid, _ in generator.retrieve(example.context, k)]
-            recall[name].append(len(relevant.intersection(found)) / len(relevant))
+            recall[name].append(len(relevant.intersection(generator(example.context))) / len(relevant))
     return {name: float(np.mean(values)) if values else float("nan") for name, values in recall.items()}
+
+
+def recall_generators(
+    first, first_name: str, dense, hybrid_k: int, k: int = RECALL_K
+) -> dict[str, Callable[[Context], list[str]]]:
+    """The candidate generators the evaluation report compares: the first-stage retriever's top `k`, the
+    dense retriever's, the two fused by reciprocal rank at the same budget, and, with `hybrid_k`, the
+    hybrid candidates as the pipeline and the server build them (the top `k` plus the dense top
+    `hybrid_k` that it missed: up to `k + hybrid_k` products)."""
+    from fusionrank.signals.dense import dense_extras, fused_retrieve
+
+    def top(retriever) -> Callable[[Context], list[str]]:
+        return lambda context: [pid for pid, _ in retriever.retrieve(context, k)]
+
+    generators = {
+        first_name: top(first),
+        dense.name: top(dense),
+        f"rrf@{k}": lambda context: fused_retrieve([first, dense], context, k),
+    }
+    if hybrid_k > 0:
+
+        def hybrid(context: Context) -> list[str]:
+            found = top(first)(context)
+            return found + dense_extras(dense, context, set(found), hybrid_k)
+
+        generators[f"hybrid@{k}+{hybrid_k}"] = hybrid
+    return generators
 
 
 def biencoder_step(
@@ -620,6 +643,11 @@ def biencoder_step(
             base = Path(base_model) if base_model else default_base_model()
         work = Path(scratch) / "checkpoint"
         valid_pairs = _bert_frame(valid_frame, valid_contexts, titles)
+        groups = np.sort(valid_pairs["group"].unique())
+        if len(groups) > BI_VALID_REQUESTS:
+            # epoch selection needs a stable figure, not every request: each costs ~candidates_k embeddings
+            keep = set(np.random.default_rng(seed).permutation(groups)[:BI_VALID_REQUESTS])
+            valid_pairs = valid_pairs[valid_pairs["group"].isin(keep)].reset_index(drop=True)
         metrics = finetune_bi_encoder(pairs, valid_pairs, base, work, config)
         ids = embed_ids(tables, [frame for frame, _ in frames.values()], embed_max_products, seed)
         dense = DenseSignal.build(BiEncoder.load(work), tables.products, ids, int8=int8)
@@ -640,12 +668,14 @@ def biencoder_step(
         **{k: float(v) for k, v in metrics.items() if k.startswith("valid_")},
     }
     popular = signals.get("popularity")
+    recall: dict[str, dict[str, float]] = {}
     for which, (frame, contexts) in frames.items():
         qrels = pd.read_parquet(Path(scored_dir) / f"{which}_qrels.parquet")
         examples = examples_from_frames(frame, contexts, qrels)
         first = retriever if mode == "search" else FallbackRetriever(retriever, popular)
-        generators: dict[str, object] = {retriever.name: first, "dense": dense, "hybrid": [first, dense]}
-        for name, value in generator_recall(examples, generators).items():
+        generators = recall_generators(first, retriever.name, dense, hybrid_k if mode == "search" else 0)
+        recall[which] = generator_recall(examples, generators)
+        for name, value in recall[which].items():
             figures[f"{which}_recall@{RECALL_K}_{name}"] = value
         if mode == "search" and hybrid_k > 0:
             frame = _add_dense_candidates(
@@ -662,6 +692,7 @@ def biencoder_step(
     info = _read_json(Path(scored_dir) / "frames.json")
     info["signals"] = sorted({*info["signals"], dense.name})
     info["hybrid_k"] = hybrid_k if mode == "search" else 0
+    info["generator_recall"] = recall
     _write_json(out / "frames.json", info)
     return figures
 
@@ -680,11 +711,12 @@ def _add_dense_candidates(
 ) -> pd.DataFrame:
     """`frame` with each request's dense top `hybrid_k` that it lacks, every signal computed for them."""
     from fusionrank.ranker import bert_scores
+    from fusionrank.signals.dense import dense_extras
 
     added = []
     for example in examples:
         have = set(example.candidates)
-        extra = [pid for pid, _ in dense.retrieve(example.context, hybrid_k) if pid not in have]
+        extra = dense_extras(dense, example.context, have, hybrid_k)
         if extra:
             added.append(RankingExample(example.context, extra, example.gains))
     if not added:

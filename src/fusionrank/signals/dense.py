@@ -17,7 +17,7 @@ that as a missing value, so the other signals rank them, and `coverage` says how
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +166,14 @@ class DenseSignal:
             bool(meta.get("int8", False)),
             meta["name"],
         )
+
+
+def dense_extras(dense: DenseSignal, context: Context, have: Collection[str], hybrid_k: int) -> list[str]:
+    """What hybrid retrieval adds to a first stage's candidates `have`: the dense top `hybrid_k` for
+    `context` that it lacks (the pipeline's evaluation candidates and the server's are built this way)."""
+    if hybrid_k <= 0:
+        return []
+    return [pid for pid, _ in dense.retrieve(context, hybrid_k) if pid not in have]
 
 
 def fused_retrieve(
