@@ -5,10 +5,11 @@ model; a request pays one short forward pass for its context text (the query, th
 both, as `fusionrank.text.context_text` writes it for the cross-encoder) and a dot product per product. So
 the same signal scores any candidates and retrieves over the whole catalog (`retrieve`, exact inner product).
 
-Exact search over N products of dimension d costs N*d multiply-adds per request: 55k x 384 is ~21M, about
-2-4 ms on one core of this machine. An approximate index (HNSW: hnswlib, usearch or faiss; or the vector
-search of Feast's online stores that offer it) becomes worth its recall loss and build time from a few
-million products, or when the p99 budget of retrieval drops under the exact scan's time.
+Exact search over N products of dimension d costs N*d multiply-adds per request (Home Depot: 55k x 384,
+21M) plus a partial sort; `benchmarks/bench_dense.py` measures it on this CPU. It grows linearly with the
+catalog: an approximate index (HNSW: hnswlib, usearch or faiss; or the vector search of a Feast online store
+that offers it, over the `product_embedding` view) becomes worth its recall loss and build time once the
+exact scan's p99 no longer fits the retrieval budget, around ten times this catalog on this CPU.
 
 A product without an embedding (new to the catalog since the model was built, or left out of a sampled run)
 and a request without any context text (a cold-start user without a query) score NaN: the fusion treats
