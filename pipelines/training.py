@@ -35,6 +35,30 @@ DEFAULT_GATE = {
 }
 
 
+# What a step that opens the run's feature store needs on a cluster (`feature_store_env=cluster`): the
+# store's settings from the fusionrank-feature-store ConfigMap, the Redis password from the fusionrank-redis
+# Secret (fusionrank.features composes FUSIONRANK_REDIS from the two), and the registry's volume. Both
+# sources are optional, so a run with the local store needs neither; manifests/base creates all three.
+FEATURE_STORE_CONFIG = "fusionrank-feature-store"
+FEATURE_STORE_KEYS = (
+    "FUSIONRANK_FEAST_REGISTRY",
+    "FUSIONRANK_FEAST_OFFLINE_STORE",
+    "FUSIONRANK_REDIS_ADDRESS",
+)
+REDIS_SECRET = "fusionrank-redis"
+REGISTRY_CLAIM = "fusionrank-feast-registry"
+REGISTRY_MOUNT = "/mnt/feast"
+
+
+def _feature_store_access(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    kubernetes.use_config_map_as_env(
+        task, FEATURE_STORE_CONFIG, {key: key for key in FEATURE_STORE_KEYS}, optional=True
+    )
+    kubernetes.use_secret_as_env(task, REDIS_SECRET, {"password": "FUSIONRANK_REDIS_PASSWORD"}, optional=True)
+    kubernetes.mount_pvc(task, pvc_name=REGISTRY_CLAIM, mount_path=REGISTRY_MOUNT)
+    return task
+
+
 def _resources(task: dsl.PipelineTask, size: tuple[str, str, str, str], retries: int = 0) -> dsl.PipelineTask:
     cpu_request, cpu_limit, memory_request, memory_limit = size
     task.set_cpu_request(cpu_request).set_cpu_limit(cpu_limit)
@@ -117,6 +141,7 @@ def training_pipeline(
         MEDIUM,
         retries=2,
     )
+    _feature_store_access(features_task)
     candidates_task = _resources(
         candidates(
             dataset=ingest_task.outputs["dataset"],
@@ -128,6 +153,7 @@ def training_pipeline(
         ).set_caching_options(True),
         HEAVY,
     )
+    _feature_store_access(candidates_task)
     finetune_task = _resources(
         finetune_bert(
             dataset=ingest_task.outputs["dataset"],
@@ -174,6 +200,7 @@ def training_pipeline(
         ).set_caching_options(True),
         HEAVY,
     )
+    _feature_store_access(biencoder_task)
     biencoder_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
     kubernetes.add_toleration(biencoder_task, key=GPU_NODE_TAINT, operator="Exists", effect="NoSchedule")
     kubernetes.empty_dir_mount(biencoder_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")

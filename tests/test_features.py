@@ -438,3 +438,17 @@ def test_product_embeddings_round_trip_through_the_online_store(
     assert got["embedding"][2] is None
     with pytest.raises(DataError, match="5 product ids but 4 embeddings"):
         write_product_embeddings(info, ids, vectors[:4], "dense-test")
+
+
+def test_the_redis_connection_is_composed_from_address_and_password() -> None:
+    from fusionrank.features import _compose_redis_connection
+
+    env = {"FUSIONRANK_REDIS_ADDRESS": "fusionrank-redis:6379", "FUSIONRANK_REDIS_PASSWORD": "s3cret"}
+    _compose_redis_connection(env)
+    assert env["FUSIONRANK_REDIS"] == "fusionrank-redis:6379,password=s3cret"
+    given = {"FUSIONRANK_REDIS": "other:1", "FUSIONRANK_REDIS_ADDRESS": "x:2"}
+    _compose_redis_connection(given)
+    assert given["FUSIONRANK_REDIS"] == "other:1"
+    bare = {"FUSIONRANK_REDIS_ADDRESS": "r:6379"}
+    _compose_redis_connection(bare)
+    assert bare["FUSIONRANK_REDIS"] == "r:6379"

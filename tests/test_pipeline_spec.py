@@ -103,3 +103,34 @@ def test_training_waits_for_the_validation_verdict(spec):
     ir, _ = spec
     tasks = all_tasks(ir)
     assert "assert-valid" in tasks["split"][1]["dependentTasks"]
+
+
+def test_steps_that_open_the_feature_store_get_its_cluster_settings(spec):
+    _, k8s = spec
+    for task in ("features", "candidates", "finetune-biencoder"):
+        platform = k8s[f"exec-{task}"]
+        (config,) = platform["configMapAsEnv"]
+        assert config["configMapName"] == "fusionrank-feature-store"
+        assert config["optional"] is True
+        keys = {entry["configMapKey"] for entry in config["keyToEnv"]}
+        assert {"FUSIONRANK_FEAST_REGISTRY", "FUSIONRANK_REDIS_ADDRESS"} <= keys
+        (secret,) = platform["secretAsEnv"]
+        assert secret["secretName"] == "fusionrank-redis"
+        assert secret["optional"] is True
+        assert secret["keyToEnv"] == [{"secretKey": "password", "envVar": "FUSIONRANK_REDIS_PASSWORD"}]
+        (volume,) = platform["pvcMount"]
+        assert volume["mountPath"] == "/mnt/feast"
+    assert "configMapAsEnv" not in k8s.get("exec-fit-fusion", {})
+
+
+def test_the_biencoder_runs_after_the_cross_encoder_on_a_gpu_and_feeds_fusion(spec):
+    ir, k8s = spec
+    tasks = all_tasks(ir)
+    _, bi = tasks["finetune-biencoder"]
+    assert "finetune-bert" in bi["dependentTasks"]
+    assert executor(ir, bi)["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s[
+        "exec-finetune-biencoder"
+    ]["tolerations"]
+    for consumer in ("fit-fusion", "evaluate", "drift"):
+        assert "finetune-biencoder" in tasks[consumer][1]["dependentTasks"], consumer

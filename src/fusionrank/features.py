@@ -394,6 +394,7 @@ def _write_store_yaml(template_dir: Path, repo: Path, env: Env) -> Path:
     target = repo / "feature_store.yaml"
     text = source.read_text()
     if env == "cluster":
+        _compose_redis_connection(os.environ)
         settings = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
         unset = sorted(set(re.findall(r"\$\{(\w+)\}", settings)) - set(os.environ))
         if unset:
@@ -407,6 +408,17 @@ def _write_store_yaml(template_dir: Path, repo: Path, env: Env) -> Path:
         config["online_store"]["path"] = str(_absolute(repo, config["online_store"]["path"]))
     target.write_text(yaml.safe_dump(config, sort_keys=False))
     return target
+
+
+def _compose_redis_connection(environ: Any) -> None:
+    """Set FUSIONRANK_REDIS from FUSIONRANK_REDIS_ADDRESS and FUSIONRANK_REDIS_PASSWORD when only those are
+    given: a pipeline pod gets them from the fusionrank-feature-store ConfigMap and the fusionrank-redis
+    Secret (pipelines/training.py), and the password must not be written into a manifest."""
+    if environ.get("FUSIONRANK_REDIS") or not environ.get("FUSIONRANK_REDIS_ADDRESS"):
+        return
+    password = environ.get("FUSIONRANK_REDIS_PASSWORD")
+    address = environ["FUSIONRANK_REDIS_ADDRESS"]
+    environ["FUSIONRANK_REDIS"] = f"{address},password={password}" if password else address
 
 
 def _absolute(repo: Path, entry: Any) -> Any:
