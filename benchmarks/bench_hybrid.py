@@ -15,7 +15,8 @@ fitted on the VALID frame only:
 3. + cross-encoder on each request's top k (k in 0, 10, 20, 50, all): the run's selected fusion
    (`fit-fusion`) through `fusion.score_with_rerank`, with the frames' fp32 s_bert and s_dense;
 4. int8: the same k with s_bert and s_dense recomputed by the bundle's int8 encoders
-   (`Ranker.load(bundle, int8=True).frame(..., shortlist=False)`).
+   (`Ranker.load(bundle, int8=True).frame(..., shortlist=False)`) on the same candidates (the hybrid
+   candidates a server's int8 context encoder retrieves may differ from the frames').
 
 NDCG@10 comes from the evaluation harness (`evaluation.evaluate_runs`, ranx) over every judged product
 (the qrels), so a relevant product a row's candidates missed counts against it. Each row has a paired
@@ -230,7 +231,7 @@ def recompute_frame(
 
 def evaluate_quality(paths: RunPaths, int8: bool = True, fp32_check_queries: int = 10) -> dict[str, Any]:
     """Every quality row of one run: NDCG@10 on test, p-values, candidate recall; int8 rows by the bundle."""
-    from fusionrank.champion import read_split_frames
+    from fusionrank.champion import frame_run, read_split_frames
     from fusionrank.evaluation import evaluate_runs
     from fusionrank.fusion import (
         FusionModel,
@@ -326,10 +327,29 @@ def evaluate_quality(paths: RunPaths, int8: bool = True, fp32_check_queries: int
             recomputed["fp32_recomputed_vs_frames"] = signal_diffs(frame32, part)
     elif int8:
         recomputed["skipped"] = "no package/bundle in this run: int8 rows skipped"
+    # each encoder alone, fp32 (the frames) and int8: what int8 does to a signal whatever its fused weight
+    single: list[dict[str, Any]] = []
+    for column in ("s_bert", "s_dense"):
+        if column not in dense_test.columns:
+            continue
+        fp32_run = frame_run(dense_test, dense_test[column])
+        single.append({"signal": column, "int8": False, "run": fp32_run, "compare_with": None})
+        if "int8_vs_frames" in recomputed:
+            single.append(
+                {
+                    "signal": column,
+                    "int8": True,
+                    "run": frame_run(frame8, frame8[column]),
+                    "compare_with": f"{column} fp32",
+                }
+            )
+    for item in single:
+        item["key"] = f"{item['signal']} {'int8' if item['int8'] else 'fp32'}"
+    single_runs = {item["key"]: item["run"] for item in single}
 
-    runs = {row["key"]: row["run"] for row in rows}
+    runs = {row["key"]: row["run"] for row in rows} | single_runs
     report = evaluate_runs(examples, runs, (METRIC,), stat_test=STAT_TEST)
-    for row in rows:
+    for row in [*rows, *single]:
         row["ndcg@10"] = report.mean(row["key"], METRIC)
         row["p_value"] = None
         if row["compare_with"] is not None:
@@ -341,8 +361,9 @@ def evaluate_quality(paths: RunPaths, int8: bool = True, fp32_check_queries: int
     pipeline_eval = _task_metrics(paths.run / "evaluate" / "executor_output.json").get(METRIC)
     without_candidates = sorted(set(contexts["qid"].astype(str)) - {e.qid for e in examples})
     judged = {str(q) for q in qrels.loc[np.round(qrels["gain"].astype(float) * 100) > 0, "qid"]}
-    for row in rows:
+    for row in [*rows, *single]:
         del row["run"]
+    weights = selected.weights if selected.kind == "weighted" else {}
     return {
         "selected_fusion": selected_kind,
         "selected_summary": weights_summary(selected),
@@ -357,6 +378,9 @@ def evaluate_quality(paths: RunPaths, int8: bool = True, fp32_check_queries: int
         "pipeline_evaluate_ndcg@10_selected": pipeline_eval,
         "recomputed": recomputed,
         "rows": rows,
+        "single_signals": single,
+        "selected_weight_s_bert": weights.get("s_bert"),
+        "selected_weight_s_dense": weights.get("s_dense"),
         "stat_test": f"paired Student's t-test (ranx), per-request {METRIC}",
         "seconds": round(time.perf_counter() - started, 1),
         "load_average": load_average(),
@@ -671,6 +695,35 @@ def markdown(result: Mapping[str, Any]) -> str:
         )
         lines.append(
             f"Same path in fp32 on {recomputed['fp32_check_requests']} requests vs the frames: {diffs}."
+        )
+    if quality.get("single_signals"):
+        cells = []
+        for item in quality["single_signals"]:
+            cell = f"{item['key']} {item['ndcg@10']:.4f}"
+            if item["compare_with"]:
+                cell += f" (p={_p(item['p_value'])} vs {item['compare_with']})"
+            cells.append(cell)
+        lines.append("Each encoder alone on the test candidates, NDCG@10: " + ", ".join(cells) + ".")
+    for column in ("s_bert", "s_dense"):
+        weight = quality.get(f"selected_weight_{column}")
+        if weight is not None and weight == 0:
+            lines.append(
+                f"NOTE: the selected weighted fusion gives {column} weight 0"
+                + (
+                    ": the k rows differ only by the per-query min-max re-normalisation of the shortlist "
+                    "(the re-ranked top k is scored by the fusion over its own rows), not by the "
+                    "cross-encoder, and int8 cannot change rows 3-4 through it."
+                    if column == "s_bert"
+                    else ": int8's change of s_dense cannot move rows 3-4 either."
+                )
+            )
+    missing = quality["of_which_with_relevant_judgments"]
+    if missing:
+        n = quality["evaluated_requests"]
+        lines.append(
+            f"{missing} test request(s) with a relevant judgment have no candidates in the frames and are "
+            f"left out of every row (as in the pipeline's evaluate step); counted as 0 they would multiply "
+            f"every NDCG@10 and recall above by {n}/{n + missing} = {n / (n + missing):.4f}."
         )
     change = {
         row["key"]: row["ndcg@10"]

@@ -48,6 +48,9 @@ FEATURE_STORE_KEYS = (
 REDIS_SECRET = "fusionrank-redis"
 REGISTRY_CLAIM = "fusionrank-feast-registry"
 REGISTRY_MOUNT = "/mnt/feast"
+# The source files on a cluster: the fusionrank-data volume (manifests/base/pipeline-runs.yaml).
+DATA_CLAIM = "fusionrank-data"
+CLUSTER_DATA_DIR = "/mnt/fusionrank-data"
 
 
 def _feature_store_access(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -115,6 +118,7 @@ def training_pipeline(
         MEDIUM,
         retries=2,
     )
+    kubernetes.mount_pvc(ingest_task, pvc_name=DATA_CLAIM, mount_path=CLUSTER_DATA_DIR)
     validate_task = _resources(
         validate(dataset=ingest_task.outputs["dataset"]).set_caching_options(True), MEDIUM
     )

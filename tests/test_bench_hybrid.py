@@ -120,6 +120,8 @@ def test_quality_rows_on_a_synthetic_run(bench, benchmarked, run_dir):
     assert rows["fp32 k=0"]["compare_with"] == "bi-encoder"
     assert result["generator_recall"]["hybrid@100"] == {"test": 0.6}
     assert result["quality"]["recomputed"]["skipped"].startswith("no package/bundle")
+    single = {item["key"]: item["ndcg@10"] for item in result["quality"]["single_signals"]}
+    assert set(single) == {"s_bert fp32", "s_dense fp32"}
     assert result["default"]["chosen"] is None
     assert json.loads(out.read_text())["results"][0]["quality"]["rows"][0]["key"] == "traditional"
     assert "| 3 + cross-encoder top all, fp32 | fp32 k=all |" in bench.markdown(result)

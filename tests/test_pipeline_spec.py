@@ -134,3 +134,17 @@ def test_the_biencoder_runs_after_the_cross_encoder_on_a_gpu_and_feeds_fusion(sp
     ]["tolerations"]
     for consumer in ("fit-fusion", "evaluate", "drift"):
         assert "finetune-biencoder" in tasks[consumer][1]["dependentTasks"], consumer
+
+
+def test_ingest_reads_the_data_volume_and_cluster_runs_point_at_it(spec):
+    from fusionrank.orchestration import cluster_params
+    from pipelines.training import CLUSTER_DATA_DIR
+
+    _, k8s = spec
+    (volume,) = k8s["exec-ingest"]["pvcMount"]
+    assert volume["mountPath"] == CLUSTER_DATA_DIR
+    assert volume["constant"] == "fusionrank-data"
+    one_off = cluster_params({"source": "homedepot"})
+    assert one_off["data_dir"] == CLUSTER_DATA_DIR
+    assert one_off["git_revision"]
+    assert cluster_params({"data_dir": "/elsewhere"}, with_revision=False) == {"data_dir": "/elsewhere"}

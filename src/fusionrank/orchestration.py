@@ -229,7 +229,7 @@ def submit(
     """Create a run of the compiled pipeline on a cluster; return its run id."""
     client = _client(host, namespace)
     package = compile_pipeline(Path("build") / "fusionrank-pipeline.yaml")
-    params = {"git_revision": git_revision(), **params} if "git_revision" in _inputs() else params
+    params = cluster_params(params)
     result = client.create_run_from_pipeline_package(
         str(package),
         arguments=params,
@@ -240,6 +240,17 @@ def submit(
         service_account=RUN_SERVICE_ACCOUNT,
     )
     return result.run_id
+
+
+def cluster_params(params: dict[str, object], with_revision: bool = True) -> dict[str, object]:
+    """A cluster run's arguments: the data volume's folder and (one-off runs) this checkout's revision,
+    unless given."""
+    from pipelines.training import CLUSTER_DATA_DIR
+
+    defaults: dict[str, object] = {"data_dir": CLUSTER_DATA_DIR}
+    if with_revision and "git_revision" in _inputs():
+        defaults["git_revision"] = git_revision()
+    return {**defaults, **params}
 
 
 def _inputs() -> set[str]:
@@ -276,7 +287,7 @@ def schedule(
         cron_expression=cron,
         max_concurrency=1,
         no_catchup=True,
-        params=params,
+        params=cluster_params(params, with_revision=False),
         pipeline_package_path=str(package),
         enable_caching=False,
         service_account=RUN_SERVICE_ACCOUNT,
