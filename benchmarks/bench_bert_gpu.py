@@ -13,7 +13,9 @@ same real pairs, with the same model and the same batch size:
   against a bf16 matmul peak measured in the same run. Steady state: the first 20 optimizer steps (compile,
   allocator warm-up) are left out of both.
 - scoring: `CrossEncoder` in bf16, model only (pairs tokenized beforehand) and end to end.
-- quality: validation NDCG@10 of the fine-tuned model against the pretrained embedding's cosine.
+- quality: validation NDCG@10 of the fine-tuned model against the pretrained embedding's cosine, and of a
+  bi-encoder distilled from it (`--distill`, the pipeline's margin-MSE recipe), with the share of the
+  cross-encoder's gain it recovers.
 Tables go to the terminal; every figure goes to --out as JSON, rewritten after each measurement, so a run
 cut short keeps what it measured. A measurement that fails is recorded with its error and the run goes on.
 Needs torch, transformers, accelerate (Trainer), numpy, pandas, pyarrow, typer and rich; `--device cpu`
@@ -100,6 +102,9 @@ def main(
     ] = 1e-4,
     quality_max_train: Annotated[int, typer.Option(help="Cap on training pairs/groups (0: all).")] = 0,
     quality_max_valid: Annotated[int, typer.Option(help="Cap on validation groups (0: all).")] = 0,
+    distill: Annotated[
+        bool, typer.Option(help="In the quality section, also distil a bi-encoder from each cross-encoder.")
+    ] = True,
 ) -> None:
     """Measure, print the tables, write the JSON."""
     sys.stdout.reconfigure(line_buffering=True)  # a run killed at its time limit still shows its progress
@@ -235,8 +240,27 @@ def main(
                     compile=compile,
                     device=device,
                 )
+                distill_config = None
+                if distill:
+                    from fusionrank.biencoder import BiEncoderConfig
+
+                    distill_config = BiEncoderConfig(
+                        max_length=spec.max_length,
+                        batch_size=64,
+                        learning_rate=5e-5,
+                        epochs=1,
+                        max_train_groups=quality_max_train or None,
+                        device=device,
+                    )
                 measure = partial(
-                    compare_quality, train, valid, model_dir, work / f"{name}-quality", config, device
+                    compare_quality,
+                    train,
+                    valid,
+                    model_dir,
+                    work / f"{name}-quality",
+                    config,
+                    device,
+                    distill_config,
                 )
                 _record(results, "quality", name, measure)
                 save()
@@ -560,7 +584,8 @@ def _print_scoring(rows: list[dict[str, Any]]) -> None:
 
 def _print_quality(rows: list[dict[str, Any]]) -> None:
     table = Table(title="Validation NDCG@10: fine-tuned vs not fine-tuned")
-    for column in ("dataset", "loss", "groups", "random", "pretrained cosine", "fine-tuned", "gain", "RMSE"):
+    columns = ("dataset", "loss", "groups", "random", "pretrained cosine", "fine-tuned", "gain", "RMSE")
+    for column in (*columns, "bi-encoder", "recovered"):
         table.add_column(column, justify="left" if column in ("dataset", "loss") else "right")
     for r in rows:
         rmse = (
@@ -575,6 +600,14 @@ def _print_quality(rows: list[dict[str, Any]]) -> None:
             f"{r['ndcg_at_10_finetuned']:.4f}",
             f"{r['ndcg_at_10_gain_over_cosine']:+.4f}",
             rmse,
+            f"{r['ndcg_at_10_biencoder_distilled']:.4f}" if "ndcg_at_10_biencoder_distilled" in r else "-",
+            (
+                f"{r['biencoder_recovery_of_cross_encoder_gain']:.0%}"
+                if r.get("biencoder_recovery_of_cross_encoder_gain")
+                == r.get("biencoder_recovery_of_cross_encoder_gain")
+                and "biencoder_recovery_of_cross_encoder_gain" in r
+                else "-"
+            ),
         )
     console.print(table)
 

@@ -92,6 +92,7 @@ class RunPaths:
     bundle: Path | None
     bento: str | None
     bentoml_home: Path
+    bento_source: str = ""
 
     @classmethod
     def of(cls, run: Path) -> RunPaths:
@@ -120,7 +121,36 @@ class RunPaths:
             if not paths.bento:
                 for artifact in (output.get("artifacts") or {}).get("bundle", {}).get("artifacts", []):
                     paths.bento = (artifact.get("metadata") or {}).get("bento") or paths.bento
+            paths.bento_source = "the package step's output"
+        elif paths.bundle is not None:
+            paths.bento = paths.built_bento()
+            if paths.bento:
+                paths.bento_source = (
+                    "the package step did NOT finish (no package/executor_output.json): the Bento it built "
+                    "around this run's bundle, found in the run's BentoML home"
+                )
         return paths
+
+    def built_bento(self) -> str | None:
+        """The newest Bento in the run's BentoML home whose model holds this run's bundle (same manifest):
+        what a package step that failed after building (e.g. its contract check) left behind."""
+        import yaml
+
+        manifest = json.loads((self.bundle / "manifest.json").read_text())
+        found = []
+        for path in (self.bentoml_home / "bentos").glob("*/*/bento.yaml"):
+            spec = yaml.safe_load(path.read_text())
+            tags = [
+                m.get("tag", "")
+                for service in spec.get("services") or []
+                for m in service.get("models") or []
+            ]
+            for tag in tags:
+                name, _, version = tag.partition(":")
+                model_manifest = self.bentoml_home / "models" / name / version / "bundle" / "manifest.json"
+                if model_manifest.is_file() and json.loads(model_manifest.read_text()) == manifest:
+                    found.append((str(spec.get("creation_time")), f"{spec['name']}:{spec['version']}"))
+        return max(found)[1] if found else None
 
     def source(self) -> str:
         """The dataset the run ingested (its pipeline arguments, else the mode)."""
@@ -149,7 +179,7 @@ def generator_recall(paths: RunPaths) -> dict[str, dict[str, float]]:
         match = GENERATOR_KEY.match(key)
         if match:
             which, k, name = match.groups()
-            table.setdefault(f"{name}@{k}", {})[which] = float(value)
+            table.setdefault(f"{name.replace('_at_', '@')} (recall@{k})", {})[which] = float(value)
     return table
 
 
@@ -555,6 +585,7 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
         _log(f"    probe: {json.dumps(probed)}")
     return {
         "bento": paths.bento,
+        "bento_source": paths.bento_source,
         "bentoml_home": str(paths.bentoml_home),
         "feature_store": manifest.get("feature_store"),
         "feature_store_present": bool(manifest.get("feature_store"))
@@ -665,6 +696,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         degraded = sum(row["probe"]["degraded"] for row in latency["rows"])
         probed = sum(row["probe"]["ok"] for row in latency["rows"])
         reasons = sorted({r for row in latency["rows"] for r in row["probe"]["reasons"]})
+        if latency.get("bento_source", "").startswith("the package step did NOT"):
+            lines.append(f"WARNING: Bento {latency['bento']} is {latency['bento_source']}.")
         lines.append(
             f"Latency: `bentoml serve` {latency['bento']} on 127.0.0.1, {latency['concurrency']} concurrent "
             f"clients, {latency['request_set']['requests']} test requests ({latency['request_set']['kind']}, "

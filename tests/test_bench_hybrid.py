@@ -118,7 +118,7 @@ def test_quality_rows_on_a_synthetic_run(bench, benchmarked, run_dir):
     assert rows["traditional"]["p_value"] is None
     assert all(0 <= row["p_value"] <= 1 for row in list(rows.values())[1:])
     assert rows["fp32 k=0"]["compare_with"] == "bi-encoder"
-    assert result["generator_recall"]["hybrid@100"] == {"test": 0.6}
+    assert result["generator_recall"]["hybrid (recall@100)"] == {"test": 0.6}
     assert result["quality"]["recomputed"]["skipped"].startswith("no package/bundle")
     single = {item["key"]: item["ndcg@10"] for item in result["quality"]["single_signals"]}
     assert set(single) == {"s_bert fp32", "s_dense fp32"}
