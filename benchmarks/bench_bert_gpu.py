@@ -601,15 +601,13 @@ def _print_quality(rows: list[dict[str, Any]]) -> None:
             f"{r['ndcg_at_10_gain_over_cosine']:+.4f}",
             rmse,
             f"{r['ndcg_at_10_biencoder_distilled']:.4f}" if "ndcg_at_10_biencoder_distilled" in r else "-",
-            (
-                f"{r['biencoder_recovery_of_cross_encoder_gain']:.0%}"
-                if r.get("biencoder_recovery_of_cross_encoder_gain")
-                == r.get("biencoder_recovery_of_cross_encoder_gain")
-                and "biencoder_recovery_of_cross_encoder_gain" in r
-                else "-"
-            ),
+            _share(r.get("biencoder_recovery_of_cross_encoder_gain")),
         )
     console.print(table)
+
+
+def _share(value: float | None) -> str:
+    return f"{value:.0%}" if value is not None and math.isfinite(value) else "-"
 
 
 def _sync(device: str) -> None:
