@@ -221,6 +221,7 @@ def training_pipeline(
             fusion=fusion_task.outputs["fusion"],
             registry_uri=registry_uri,
             model_name=model_name,
+            source=source,
         ).set_caching_options(False),  # the champion it compares with can change between runs
         MEDIUM,
         retries=1,

@@ -77,6 +77,9 @@ def test_approved_run_packages_and_registers_a_champion(approved: LocalRun, home
     # the bi-encoder step: dense scores on every candidate, hybrid rows, recall of each generator
     assert set(evaluation["generator_recall"]["test"]) == {"bm25", "dense", "rrf@100", "hybrid@100+20"}
     assert "recall@100" in approved.artifact("evaluate", "table").read_text()
+    report = approved.artifact("evaluate", "report")
+    assert {p.name for p in report.iterdir()} >= {"report.md", "report.json", "ndcg10.png"}
+    assert "Kaggle" in (report / "report.md").read_text()  # the published figures of the source
     frames = approved.artifact("finetune-biencoder", "dense_frames")
     test = pd.read_parquet(frames / "test.parquet")
     before = pd.read_parquet(approved.artifact("finetune-bert", "scored_frames") / "test.parquet")

@@ -777,13 +777,23 @@ def evaluate_step(
     model_name: str,
     evaluation_path: str,
     table_path: str,
+    source: str = "",
+    report_dir: str | None = None,
 ) -> dict[str, float]:
-    """Every single signal and every fusion on the test frame; the candidate against the champion."""
+    """Every single signal and every fusion on the test frame; the candidate against the champion.
+
+    With `report_dir`, also the fusion report of this run (`fusionrank.report`: Markdown, JSON and a PNG of
+    NDCG@10 per method, the published figures of `source` beside ours, the cascade's k swept)."""
     from fusionrank.champion import evaluate_candidate
 
     result = evaluate_candidate(Path(scored_dir), Path(fusion_dir), registry_uri, model_name)
     _write_json(evaluation_path, result)
     Path(table_path).write_text(result["markdown"])
+    if report_dir is not None:
+        from fusionrank.report import report_from_run, write_report
+
+        dataset = source or _read_json(Path(scored_dir) / "frames.json")["mode"]
+        write_report([report_from_run(dataset, scored_dir, fusion_dir)], report_dir)
     return {k: float(v) for k, v in result["headline"].items()}
 
 
