@@ -250,3 +250,25 @@ def test_the_server_adds_the_dense_top_k_to_bm25_candidates_as_the_pipeline_did(
     assert ServingSettings.from_env({"FUSIONRANK_RERANK_K": "7"}).rerank_k == 7
     with pytest.raises(ConfigError, match="rerank_k"):
         ServingSettings(rerank_k=-1)
+
+
+def test_int8_scores_do_not_depend_on_the_requests_batched_alongside(
+    tiny: Path, products: pd.DataFrame, tmp_path: Path
+) -> None:
+    from fusionrank.bert import CrossEncoder
+    from fusionrank.ranker import bert_scores
+
+    encoder = BiEncoder.load(tiny).int8()
+    signal = DenseSignal.build(BiEncoder.load(tiny), products)
+    signal.encoder = encoder
+    one = Context(query="drill")
+    others = [Context(query="a much longer query about paint rollers and brushes"), Context(query="fan")]
+    alone = signal.score(one, ["p0", "p1"])
+    batched = signal.score_batch([one, *others], [["p0", "p1"], ["p2"], ["p3"]])[0]
+    assert np.array_equal(alone, batched)
+
+    cross = CrossEncoder.load(tiny).int8()
+    titles = dict(zip(products["product_id"], products["title"], strict=True))
+    request = RankingExample(one, ["p0", "p1"])
+    crowd = [request, *(RankingExample(c, ["p2", "p3", "p4"]) for c in others)]
+    assert np.array_equal(bert_scores(cross, [request], titles), bert_scores(cross, crowd, titles)[:2])

@@ -19,6 +19,7 @@ import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,12 @@ def bert_scores(bert, examples: Sequence[RankingExample], titles: Mapping[str, s
             texts.append(product_text(titles.get(pid, "")))
     if not contexts:
         return np.zeros(0, dtype=np.float32)
+    if getattr(bert, "quantized", False):
+        # int8 dynamic quantization scales activations per batch: each request's pairs in their own
+        # passes, so its scores do not depend on the requests batched with it
+        sizes = np.cumsum([0, *(len(e.candidates) for e in examples)])
+        parts = [bert.score(contexts[a:b], texts[a:b]) for a, b in pairwise(sizes)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
     return bert.score(contexts, texts)
 
 

@@ -89,7 +89,13 @@ class DenseSignal:
         present = np.array([bool(t.strip()) for t in unique], dtype=bool)
         if present.any():
             vectors = np.full((len(unique), self.embeddings.shape[1]), np.nan, dtype=np.float32)
-            vectors[present] = self.encoder.encode([t for t, p in zip(unique, present, strict=True) if p])
+            texts_present = [t for t, p in zip(unique, present, strict=True) if p]
+            if getattr(self.encoder, "quantized", False):
+                # int8 dynamic quantization scales activations per batch: one text per pass keeps a
+                # request's score independent of the requests batched with it
+                vectors[present] = np.concatenate([self.encoder.encode([t]) for t in texts_present])
+            else:
+                vectors[present] = self.encoder.encode(texts_present)
             out = vectors[codes]
         return out
 
