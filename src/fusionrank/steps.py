@@ -554,6 +554,21 @@ def generator_recall(
     return {name: float(np.mean(values)) if values else float("nan") for name, values in recall.items()}
 
 
+class _Memo:
+    """A retriever that remembers its answers (the longest asked for) per context."""
+
+    def __init__(self, retriever) -> None:
+        self.retriever = retriever
+        self.name = getattr(retriever, "name", "")
+        self.answers: dict[Context, list[tuple[str, float]]] = {}
+
+    def retrieve(self, context: Context, k: int) -> list[tuple[str, float]]:
+        known = self.answers.get(context)
+        if known is None or len(known) < k:
+            known = self.answers[context] = self.retriever.retrieve(context, max(k, RECALL_K))
+        return known[:k]
+
+
 def recall_generators(
     first, first_name: str, dense, hybrid_k: int, k: int = RECALL_K
 ) -> dict[str, Callable[[Context], list[str]]]:
@@ -562,6 +577,9 @@ def recall_generators(
     hybrid candidates as the pipeline and the server build them (the top `k` plus the dense top
     `hybrid_k` that it missed: up to `k + hybrid_k` products)."""
     from fusionrank.signals.dense import dense_extras, fused_retrieve
+
+    # every generator asks the same two retrievers about the same context: ask each once
+    first, dense = _Memo(first), _Memo(dense)
 
     def top(retriever) -> Callable[[Context], list[str]]:
         return lambda context: [pid for pid, _ in retriever.retrieve(context, k)]
