@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -308,6 +309,11 @@ def test_a_rerank_budget_reorders_only_the_first_stage_top_k(frame: pd.DataFrame
     # the cross-encoder is the perfect signal here: more of it, better rankings
     assert ndcg(score_with_rerank(model, bert_frame, 0)) < ndcg(budgeted) < ndcg(full)
     pd.testing.assert_frame_equal(score_with_rerank(model, bert_frame, None), full)
+    # a cross-encoder without weight changes nothing, whatever its budget
+    unweighted = dataclasses.replace(model, weights={**model.weights, "s_bert": 0.0})
+    first_order = score_candidates(unweighted, bert_frame.assign(s_bert=np.nan))
+    budgeted_order = score_with_rerank(unweighted, bert_frame, 3)
+    assert budgeted_order["product_id"].tolist() == first_order["product_id"].tolist()
     # without the cross-encoder column in the model, the budget does nothing
     plain = fit_weighted(frame, ["s_noise", "s_a"])
     pd.testing.assert_frame_equal(score_with_rerank(plain, frame, 3), score_candidates(plain, frame))

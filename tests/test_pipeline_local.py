@@ -89,6 +89,7 @@ def test_approved_run_packages_and_registers_a_champion(approved: LocalRun, home
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert "dense" in manifest["signals"]
     assert manifest["serving"]["hybrid_k"] == 20
+    assert manifest["serving"]["retrieve_k"] == SMALL["candidates_k"]  # the server retrieves as evaluated
     assert (bundle / "signals" / "dense" / "embeddings.npy").is_file()
 
 

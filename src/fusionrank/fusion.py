@@ -399,8 +399,14 @@ def score_with_rerank(model: FusionModel, frame: pd.DataFrame, rerank_k: int | N
     picked = rerank_shortlist(model, frame, rerank_k)
     if len(picked) == len(frame):
         return score_candidates(model, frame)
-    first = score_candidates(model, frame.drop(index=picked).assign(**{RERANK_COLUMN: np.nan}))
-    head = score_candidates(model, frame.loc[picked])
+    # One scoring of every row: the other signals keep the per-query normalisation they were fitted with
+    # (over all candidates), the cross-encoder's score counts on the shortlist only (missing elsewhere,
+    # so the other rows keep their first-stage score).
+    in_head = frame.index.isin(picked)
+    masked = frame.assign(**{RERANK_COLUMN: frame[RERANK_COLUMN].where(in_head)}, _head=in_head)
+    scored = score_candidates(model, masked)
+    head = scored[scored["_head"]].drop(columns="_head").reset_index(drop=True)
+    first = scored[~scored["_head"]].drop(columns="_head").reset_index(drop=True)
     # each query's re-ranked tier sits above its other candidates, as in a cascade: a per-query offset in
     # the bias contribution (so that contributions still sum to the score and scores still descend)
     floor = head.groupby("qid")["score"].min()
@@ -416,7 +422,7 @@ def score_with_rerank(model: FusionModel, frame: pd.DataFrame, rerank_k: int | N
     merged = merged.sort_values(["qid", "_stage", "rank"], kind="stable").reset_index(drop=True)
     merged["rank"] = merged.groupby("qid", sort=False).cumcount() + 1
     merged = merged.drop(columns="_stage")
-    merged.attrs["missing_signals"] = head.attrs.get("missing_signals", [])
+    merged.attrs["missing_signals"] = scored.attrs.get("missing_signals", [])
     return merged
 
 

@@ -182,7 +182,8 @@ class Ranker:
     ) -> pd.DataFrame:
         """The candidate frame for `examples` with every signal of this bundle, BERT included.
 
-        The cross-encoder scores only the rows its fusion will read: under a cascade fusion the cascade's
+        The cross-encoder scores only the rows its fusion will read (none when a weighted fusion gives it no
+        weight): under a cascade fusion the cascade's
         shortlist, and with `rerank_k` each request's top `rerank_k` by the fusion without it
         (`fusion.score_with_rerank`, which `score` applies with the same `rerank_k`). Other rows' `s_bert`
         stays NaN. `shortlist=False` scores every candidate. The server and the champion comparison both
@@ -194,7 +195,10 @@ class Ranker:
         if self.bert is None:
             return frame
         fusion = self.fusions[self.selected]
-        if not shortlist:
+        if getattr(fusion, "kind", None) == "weighted" and not fusion.weights.get("s_bert", 0.0):
+            # the selected fusion gives the cross-encoder no weight: its scores would change nothing
+            picked = frame.index[:0]
+        elif not shortlist:
             picked = frame.index
         elif getattr(fusion, "kind", None) == "cascade":
             picked = cascade_shortlist(fusion, frame).index

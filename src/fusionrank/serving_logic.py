@@ -113,7 +113,8 @@ class RankResponse(BaseModel):
 class ServingSettings:
     """Deployment settings of the ranker, read when the service starts (never at import)."""
 
-    retrieve_k: int = DEFAULT_RETRIEVE_K
+    # How many candidates retrieval takes; None: the bundle's serving config (as evaluated), else 100.
+    retrieve_k: int | None = None
     feature_repo: Path | None = None
     feature_store_yaml: Path | None = None
     store_retry_seconds: float = 30.0
@@ -124,7 +125,7 @@ class ServingSettings:
     int8: bool | None = None
 
     def __post_init__(self) -> None:
-        if not 1 <= self.retrieve_k <= MAX_CANDIDATES:
+        if self.retrieve_k is not None and not 1 <= self.retrieve_k <= MAX_CANDIDATES:
             raise ConfigError(f"retrieve_k must be between 1 and {MAX_CANDIDATES}, got {self.retrieve_k}")
         if self.store_retry_seconds < 0:
             raise ConfigError(f"store_retry_seconds must not be negative, got {self.store_retry_seconds}")
@@ -272,6 +273,8 @@ class RankingLogic:
             git_revision=str(manifest.get("git_revision", "")),
         )
         self.rerank_k = resolve_rerank_k(ranker, self.settings)
+        configured = (manifest.get("serving") or {}).get("retrieve_k")
+        self.retrieve_k = self.settings.retrieve_k or int(configured or DEFAULT_RETRIEVE_K)
 
     def rank_batch(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
         """Rank every request; one frame and one scoring call per group of requests with distinct ids."""
@@ -310,7 +313,7 @@ class RankingLogic:
         context = Context(query=request.query, user_id=request.user_id, history=history)
 
         if candidates is None:
-            candidates = retrieve_candidates(self.ranker, context, self.settings.retrieve_k)
+            candidates = retrieve_candidates(self.ranker, context, self.retrieve_k)
             if store_up and self.store is not None and candidates:
                 try:
                     _, products = self.store.lookup(None, candidates)

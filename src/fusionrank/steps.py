@@ -303,7 +303,8 @@ def candidates_step(
         relevant = sum(sum(1 for g in e.gains.values() if g > 0) for e in examples)
         figures[f"{which}_candidate_recall"] = found / relevant if relevant else 0.0
         figures[f"{which}_judged"] = float(judged)
-    _write_json(out / "frames.json", {"mode": mode, "signals": sorted(signals), **figures})
+    info = {"mode": mode, "signals": sorted(signals), "candidates_k": candidates_k, **figures}
+    _write_json(out / "frames.json", info)
     return figures
 
 
@@ -897,7 +898,13 @@ def package_step(
         "feature_store": str(Path(store_dir).resolve()),
         "data_hash": data_hash,
         "git_revision": git_revision or os.environ.get("FUSIONRANK_GIT_REVISION") or _checkout_revision(),
-        "serving": serving_config(frames_info.get("hybrid_k", 0), rerank_k_cpu, rerank_k_gpu, int8),
+        "serving": serving_config(
+            frames_info.get("hybrid_k", 0),
+            rerank_k_cpu,
+            rerank_k_gpu,
+            int8,
+            frames_info.get("candidates_k") if frames_info["mode"] == "search" else None,
+        ),
     }
     write_bundle(bundle_dir, manifest, tables.products, signals_dir, fusion_dir, bert_dir, reference)
     saved = save_to_bentoml(Path(bundle_dir), manifest)
@@ -909,12 +916,16 @@ def package_step(
     return {**saved, "contract_requests": check["requests"]}
 
 
-def serving_config(hybrid_k: int, rerank_k_cpu: int, rerank_k_gpu: int, int8: bool) -> dict:
-    """How the server runs this bundle: the dense candidates it adds (`hybrid_k`, as the evaluation did),
+def serving_config(
+    hybrid_k: int, rerank_k_cpu: int, rerank_k_gpu: int, int8: bool, retrieve_k: int | None = None
+) -> dict:
+    """How the server runs this bundle: the candidates it retrieves and the dense ones it adds
+    (`retrieve_k`, `hybrid_k`, as the evaluation did),
     how many candidates per request the cross-encoder re-scores on a CPU and on a GPU (a negative number:
     every candidate, as evaluated; 0: never), and whether CPU inference is int8. FUSIONRANK_RERANK_K and
     FUSIONRANK_INT8 override them when serving."""
     return {
+        "retrieve_k": None if retrieve_k is None else int(retrieve_k),
         "hybrid_k": int(hybrid_k),
         "int8": bool(int8),
         "rerank_k_cpu": None if rerank_k_cpu < 0 else int(rerank_k_cpu),
