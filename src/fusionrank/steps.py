@@ -661,7 +661,7 @@ def package_step(
 
 
 def _checkout_revision() -> str:
-    from fusionrank.orchestration import git_revision
+    from fusionrank.revision import git_revision
 
     return git_revision()
 
