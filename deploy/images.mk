@@ -76,3 +76,26 @@ image: wheelhouse
 	  --build-arg PIP_OPTIONS="--no-index --find-links /wheels" $(IMAGE_BUILD_ARGS) -t $(CPU_IMAGE) .
 	@echo "built $(CPU_IMAGE): $$($(PODMAN) image inspect --format '{{.Size}}' $(CPU_IMAGE) \
 	  | awk '{printf "%.2f GB", $$1 / 1e9}')"
+
+# ---------------------------------------------------------------------------------------------------------
+# `make manifests OVERLAY=prod`: the overlay as it is applied, with the project image at this checkout's tag
+# (written to build/manifests/OVERLAY; `kubectl apply -k build/manifests/prod`). The committed manifests name
+# the image repository at the bare version; a tag with the commit in it cannot be committed with that commit.
+
+OVERLAY ?= prod
+MANIFESTS_OUT ?= build/manifests
+CPU_REPOSITORY = $(call image_name,CPU_REPOSITORY)
+IMAGE_TAG = $(call image_name,IMAGE_TAG)
+
+.PHONY: manifests
+
+manifests:
+	@test -f manifests/overlays/$(OVERLAY)/kustomization.yaml \
+	  || { echo "no overlay manifests/overlays/$(OVERLAY)" >&2; exit 1; }
+	mkdir -p $(MANIFESTS_OUT)/$(OVERLAY)
+	printf '%s\n' "# Written by make manifests: manifests/overlays/$(OVERLAY) with the image of $(GIT_REVISION)." \
+	  "apiVersion: kustomize.config.k8s.io/v1beta1" "kind: Kustomization" "resources:" \
+	  "  - $$(realpath --relative-to=$(MANIFESTS_OUT)/$(OVERLAY) manifests/overlays/$(OVERLAY))" \
+	  "images:" "  - name: $(CPU_REPOSITORY)" "    newTag: $(IMAGE_TAG)" \
+	  >$(MANIFESTS_OUT)/$(OVERLAY)/kustomization.yaml
+	@echo "wrote $(MANIFESTS_OUT)/$(OVERLAY)/kustomization.yaml (image $(CPU_REPOSITORY):$(IMAGE_TAG))"
