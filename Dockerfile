@@ -12,12 +12,13 @@
 # build time; nothing is pip-installed when a container runs (the components use install_kfp_package=False).
 #
 # Layers: the dependencies are a stage of their own, keyed on pyproject.toml, constraints.txt and the script
-# that lists them; the code is copied into the final stage after that stage's venv, so a code-only change
-# rebuilds only the last, small layers.
+# that lists them, and each final stage continues from it: the code comes last, so a code-only change
+# rebuilds only the last, small layers. (Continuing, not `COPY --from` the venv: that copy makes the builder
+# checksum the 3 GB venv on every build, cached or not, which alone took about a minute.) The dependency stage
+# holds only the venv and the files that list the dependencies: nothing is compiled there.
 #
 # The bases are build arguments pinned to version tags. Any Debian-like base with Python 3.11 works: the
-# virtual environment is made with `python3 -m venv`, and each final stage starts from the base its venv was
-# built on, so the venv's interpreter link stays valid.
+# virtual environment is made with `python3 -m venv`.
 #
 # The GPU image needs no CUDA base image: torch's Linux wheels carry the CUDA runtime and cuDNN (the nvidia-*
 # packages), and the node's driver comes in through the NVIDIA device plugin. A CUDA base would add a second
@@ -27,7 +28,7 @@ ARG BASE_IMAGE=python:3.11.11-slim-bookworm
 ARG GPU_BASE_IMAGE=python:3.11.11-slim-bookworm
 
 # ---------------------------------------------------------------------------------------------------------
-# Build stages: a virtual environment with every dependency and nothing of the project.
+# Dependency stages: a virtual environment with every dependency and nothing of the project.
 # build/wheelhouse is mounted at /wheels; it is only read when PIP_OPTIONS says so
 # (`--no-index --find-links /wheels`), and `make images` leaves it empty.
 
@@ -45,7 +46,8 @@ COPY deploy/dependencies.py deploy/dependencies.py
 RUN --mount=type=bind,source=build/wheelhouse,target=/wheels \
     pip install ${PIP_OPTIONS} --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
     && python3 deploy/dependencies.py >/tmp/requirements.txt \
-    && pip install ${PIP_OPTIONS} -c constraints.txt -r /tmp/requirements.txt "setuptools>=69" wheel
+    && pip install ${PIP_OPTIONS} -c constraints.txt -r /tmp/requirements.txt "setuptools>=69" wheel \
+    && rm /tmp/requirements.txt
 
 FROM ${GPU_BASE_IMAGE} AS build-gpu
 ARG TORCH_INDEX_URL=https://pypi.org/simple
@@ -60,16 +62,17 @@ COPY deploy/dependencies.py deploy/dependencies.py
 RUN --mount=type=bind,source=build/wheelhouse,target=/wheels \
     pip install ${PIP_OPTIONS} --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
     && python3 deploy/dependencies.py gpu >/tmp/requirements.txt \
-    && pip install ${PIP_OPTIONS} -c constraints.txt -r /tmp/requirements.txt "setuptools>=69" wheel
+    && pip install ${PIP_OPTIONS} -c constraints.txt -r /tmp/requirements.txt "setuptools>=69" wheel \
+    && rm /tmp/requirements.txt
 
 # ---------------------------------------------------------------------------------------------------------
-# Final stages: the venv, then the code, owned by root and read-only to the user that runs them.
+# Final stages: the dependency stage, then the code, owned by root and read-only to the user that runs them.
 # The project is installed editable on purpose: the package finds serving/ and feature_repo/ next to src/
 # (packaging.default_serving_dir, features.default_feature_repo), so the code stays in this tree and the venv
 # points at it. That install takes nothing from an index (--no-deps --no-index); `pip check` fails the build
 # when a dependency is missing from the venv.
 
-FROM ${BASE_IMAGE} AS cpu
+FROM build-cpu AS cpu
 ARG VERSION=unversioned
 LABEL org.opencontainers.image.title="fusionrank" \
       org.opencontainers.image.description="fusionrank pipeline components and ranker server (CPU)" \
@@ -80,7 +83,6 @@ RUN dpkg -s libgomp1 >/dev/null 2>&1 \
     || (apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/*)
 RUN groupadd --system --gid 10001 fusionrank \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/fusionrank --create-home fusionrank
-COPY --from=build-cpu /opt/venv /opt/venv
 # Offline and quiet, as the CLI sets them (see ../shared/STACK-NOTES.md for why each is needed).
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/fusionrank \
@@ -118,7 +120,7 @@ USER 10001:10001
 WORKDIR /home/fusionrank
 CMD ["fusionrank", "--help"]
 
-FROM ${GPU_BASE_IMAGE} AS gpu
+FROM build-gpu AS gpu
 ARG VERSION=unversioned
 LABEL org.opencontainers.image.title="fusionrank-cuda" \
       org.opencontainers.image.description="fusionrank BERT fine-tuning component (CUDA)" \
@@ -128,7 +130,6 @@ RUN dpkg -s libgomp1 >/dev/null 2>&1 \
     || (apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/*)
 RUN groupadd --system --gid 10001 fusionrank \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/fusionrank --create-home fusionrank
-COPY --from=build-gpu /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/fusionrank \
     PYTHONUNBUFFERED=1 \

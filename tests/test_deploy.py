@@ -855,18 +855,10 @@ def test_dockerfile_installs_under_the_constraints_with_torch_first_and_nothing_
         assert "pip check" in installs, f"{name}: the build does not check that every dependency is there"
         command = " ".join(rest for keyword, rest in instructions if keyword in ("CMD", "ENTRYPOINT"))
         assert "pip" not in command
-        copied_from = {
-            re.search(r"--from=(\S+)", rest).group(1) for keyword, rest in instructions if "--from" in rest
-        }
-        assert copied_from == {f"build-{name}"}
-        # The final stage starts from the base its venv was built on: the venv's python link stays valid.
-        assert instructions[0][1] == stages[f"build-{name}"][0][1]
-        # The venv comes before the code, so that a code-only change reuses the venv's layer.
-        venv_copy = next(i for i, (k, rest) in enumerate(instructions) if k == "COPY" and "--from" in rest)
-        code_copy = next(
-            i for i, (k, rest) in enumerate(instructions) if k == "COPY" and rest.startswith("src ")
-        )
-        assert venv_copy < code_copy
+        # The final stage continues from its dependency stage (the venv stays where it was built, its
+        # python link valid) and adds the code on top: a code-only change reuses the venv's layer.
+        assert instructions[0][1] == f"build-{name}"
+        assert not [rest for keyword, rest in instructions if "--from" in rest]
 
 
 def test_dockerfile_final_stages_run_as_the_non_root_user_of_the_pods(render) -> None:
