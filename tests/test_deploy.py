@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from components.images import CPU_IMAGE, GPU_IMAGE
+from components.images import CPU_IMAGE, CPU_REPOSITORY, GPU_IMAGE, REGISTRY
 from fusionrank import __version__
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,14 +242,13 @@ def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
 def image_sources() -> dict[str, str]:
     """Destination (relative to APP_ROOT) -> checkout path, for every COPY from the build context."""
     copied: dict[str, str] = {}
-    for name, instructions in dockerfile_stages().items():
+    for instructions in dockerfile_stages().values():
         workdir = "/"
         for keyword, rest in instructions:
             if keyword == "WORKDIR":
                 workdir = rest
             if keyword != "COPY" or rest.startswith("--from"):
                 continue
-            assert name.startswith("build-"), f"stage {name} copies from the build context"
             *sources, destination = rest.split()
             base = Path(workdir) / destination
             for source in sources:
@@ -455,9 +454,30 @@ def test_no_secret_value_is_written_anywhere(render, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
-def test_images_are_pinned_and_the_project_image_is_the_pipelines(render, name: str) -> None:
-    docs = render(name)
-    registry = CPU_IMAGE.rsplit("/", 1)[0]
+def test_images_are_pinned_and_the_project_image_is_the_pipelines(
+    kubectl: str, name: str, tmp_path: Path
+) -> None:
+    # As applied: `make manifests` sets the project image to this checkout's tag, the pipeline's.
+    made = subprocess.run(
+        [
+            "make",
+            "-s",
+            "manifests",
+            f"OVERLAY={name}",
+            f"MANIFESTS_OUT={tmp_path}",
+            f"IMAGES_PYTHON={sys.executable}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(tmp_path / name)], capture_output=True, text=True, timeout=120
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    docs = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
     for owner, pod in workloads(docs):
         for spec in all_containers(pod):
             image = spec["image"]
@@ -466,7 +486,7 @@ def test_images_are_pinned_and_the_project_image_is_the_pipelines(render, name: 
             assert "@sha256:" in image or (repository and "/" not in tag), f"{label}: {image} has no tag"
             assert tag != "latest", f"{label}: {image} is not pinned"
             assert re.search(r"\d", tag), f"{label}: {image} is tagged without a version"
-            if image.startswith(f"{registry}/"):
+            if image.startswith(f"{REGISTRY}/"):
                 assert image == CPU_IMAGE, f"{label}: {image} is not the pipeline's CPU image {CPU_IMAGE}"
     for kind, workload, spec_name in [
         ("Deployment", "fusionrank-ranker", "ranker"),
@@ -474,6 +494,14 @@ def test_images_are_pinned_and_the_project_image_is_the_pipelines(render, name: 
         ("Job", "fusionrank-schedule", "schedule"),
     ]:
         assert container(docs, kind, workload, spec_name)["image"] == CPU_IMAGE
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_committed_manifests_name_the_project_image_at_its_version(render, name: str) -> None:
+    for owner, pod in workloads(render(name)):
+        for spec in all_containers(pod):
+            if spec["image"].startswith(f"{REGISTRY}/"):
+                assert spec["image"] == f"{CPU_REPOSITORY}:{__version__}", owner["metadata"]["name"]
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -808,17 +836,29 @@ def test_dockerfile_installs_under_the_constraints_with_torch_first_and_nothing_
         assert f"torch=={torch_pin}" in installs[0], f"{name}: torch {torch_pin} is not installed first"
         for install in installs[1:]:
             assert "-c constraints.txt" in install, f"{name}: {install} ignores constraints.txt"
+        # The dependency stage holds no project code: a code change must not rebuild it.
+        copied = [rest for keyword, rest in stages[name] if keyword == "COPY"]
+        assert all(not re.search(r"\b(src|components|pipelines|serving)\b", rest) for rest in copied), copied
     for name in ("cpu", "gpu"):
         instructions = stages[name]
-        assert not [rest for keyword, rest in instructions if keyword == "RUN" and "pip" in rest]
+        # The final stage only links the project to its code: no dependency, nothing from an index.
+        installs = [
+            part.strip()
+            for keyword, rest in instructions
+            if keyword == "RUN"
+            for part in rest.split("&&")
+            if re.search(r"\bpip\b", part)
+        ]
+        assert all(p.startswith("pip install --no-deps --no-index") or p == "pip check" for p in installs), (
+            installs
+        )
+        assert "pip check" in installs, f"{name}: the build does not check that every dependency is there"
         command = " ".join(rest for keyword, rest in instructions if keyword in ("CMD", "ENTRYPOINT"))
         assert "pip" not in command
-        copied_from = {
-            re.search(r"--from=(\S+)", rest).group(1) for keyword, rest in instructions if "--from" in rest
-        }
-        assert copied_from == {f"build-{name}"}
-        # The final stage starts from the base its venv was built on: the venv's python link stays valid.
-        assert instructions[0][1] == stages[f"build-{name}"][0][1]
+        # The final stage continues from its dependency stage (the venv stays where it was built, its
+        # python link valid) and adds the code on top: a code-only change reuses the venv's layer.
+        assert instructions[0][1] == f"build-{name}"
+        assert not [rest for keyword, rest in instructions if "--from" in rest]
 
 
 def test_dockerfile_final_stages_run_as_the_non_root_user_of_the_pods(render) -> None:
@@ -828,7 +868,7 @@ def test_dockerfile_final_stages_run_as_the_non_root_user_of_the_pods(render) ->
         {**pod.get("securityContext", {}), **spec.get("securityContext", {})}.get("runAsUser")
         for _, pod in workloads(docs)
         for spec in all_containers(pod)
-        if spec["image"] == CPU_IMAGE
+        if spec["image"].startswith(f"{CPU_REPOSITORY}:")
     }
     for name in ("cpu", "gpu"):
         users = [rest for keyword, rest in stages[name] if keyword == "USER"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.images import CPU_IMAGE, GPU_IMAGE
+from components.images import CPU_IMAGE, GPU_IMAGE, IMAGE_TAG
 from fusionrank import __version__
 from fusionrank.orchestration import compile_pipeline
 
@@ -56,7 +56,9 @@ def test_every_task_has_requests_limits_and_a_pinned_image(spec):
         image = container["image"]
         assert ":" in image, f"{name}: image {image} has no tag"
         assert not image.endswith(":latest"), f"{name}: image {image} is not pinned"
-        assert image.endswith(f":{__version__}"), f"{name}: image {image} is not tagged with the version"
+        # the version and the commit: exactly what `make image` / `make images` build from this checkout
+        assert image.endswith(f":{IMAGE_TAG}"), f"{name}: image {image} is not tagged {IMAGE_TAG}"
+        assert IMAGE_TAG.startswith(f"{__version__}-"), IMAGE_TAG
         resources = container["resources"]
         for key in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"):
             assert key in resources, f"{name} lacks {key}"

@@ -329,9 +329,16 @@ def run_cmd(
     force_gate: Annotated[str | None, typer.Option(help="Force the gate: approve or reject.")] = None,
     param: ParamOption = None,
     home: HomeOption = None,
+    runner: Annotated[
+        str,
+        typer.Option(
+            help="subprocess: every step in this environment; container: every step in its image "
+            "(podman, after `make image`)."
+        ),
+    ] = "subprocess",
 ) -> None:
     """Run the training pipeline; `--local` runs every step here and prints the evaluation and decision."""
-    from fusionrank.orchestration import FULL_OVERRIDES, LOCAL_DEFAULTS, parse_params, run_local
+    from fusionrank.orchestration import FULL_OVERRIDES, LOCAL_DEFAULTS, RUNNERS, parse_params, run_local
 
     if not local:
         raise FusionrankError(
@@ -348,8 +355,10 @@ def run_cmd(
     if gate is not None:
         params["gate_config"] = gate
     params.update(parse_params(param or []))
-    console.print(f"[bold]fusionrank run --local[/] {_json(params)}", highlight=False)
-    result = run_local(params, home)
+    if runner not in RUNNERS:
+        raise FusionrankError(f"--runner takes {' or '.join(RUNNERS)}, not {runner!r}")
+    console.print(f"[bold]fusionrank run --local --runner {runner}[/] {_json(params)}", highlight=False)
+    result = run_local(params, home, runner=runner)
     _print_local_run(result)
     if result.error is not None:
         from fusionrank.orchestration import describe_failure
@@ -399,6 +408,48 @@ def _print_local_run(result) -> None:
             if result.ran(step):
                 for path in sorted((result.run_dir / step).iterdir()):
                     console.print(f"  {step}/{path.name}", highlight=False)
+
+
+@app.command("check-image")
+def check_image_cmd(
+    run: Annotated[
+        Path | None,
+        typer.Option(
+            help="A finished local run that took the approved branch "
+            "(default: the latest such run under --home)."
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the check's outputs.")] = Path("build/image-check"),
+    home: HomeOption = None,
+) -> None:
+    """Run every executor of the compiled pipeline, with its exact command, in the built image (`make image`).
+
+    Inputs come from a finished local run; each executor must exit 0 and write every output it declares.
+    """
+    from components.images import CPU_IMAGE, GPU_IMAGE
+    from fusionrank.containers import check_failures, check_image
+    from fusionrank.orchestration import latest_approved_run, local_home
+
+    run_dir = run or latest_approved_run(local_home(home))
+    console.print(f"checking {CPU_IMAGE} against the compiled pipeline, with the inputs of {run_dir}")
+    console.print(f"(locally the fine-tuning step, whose executor names {GPU_IMAGE}, runs in the CPU image)")
+    results = check_image(run_dir, out)
+    table = Table("executor", "task", "exit", "seconds", "outputs written", "missing", title="image check")
+    for r in results:
+        table.add_row(
+            r.executor,
+            r.task,
+            str(r.exit_code),
+            f"{r.seconds:.1f}",
+            ", ".join(r.outputs),
+            f"[red]{', '.join(r.missing)}[/]" if r.missing else "",
+        )
+    console.print(table)
+    failures = check_failures(results)
+    if failures:
+        err_console.print(f"[bold red]image check failed:[/]\n{failures}", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"[green]all {len(results)} executors ran in the image and wrote their outputs[/]")
 
 
 @app.command()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -15,6 +15,7 @@ import yaml
 
 from fusionrank import __version__
 from fusionrank.errors import ConfigError, ServiceUnavailable
+from fusionrank.revision import git_revision
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -68,17 +69,6 @@ STEP_ORDER = (
     "register",
     "report-rejection",
 )
-
-
-def git_revision(cwd: Path | None = None) -> str:
-    """The checkout's commit, or "unknown" outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True, cwd=cwd
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip()
 
 
 def parse_params(pairs: list[str]) -> dict[str, object]:
@@ -147,9 +137,16 @@ def local_home(home: Path | None = None) -> Path:
     return (home or Path(os.environ.get("FUSIONRANK_HOME", ".fusionrank"))).resolve()
 
 
-def run_local(params: dict[str, object], home: Path | None = None) -> LocalRun:
-    """Run the whole DAG on this machine under kfp.local (SubprocessRunner, the current environment).
+RUNNERS = ("subprocess", "container")
+# Written into each local run's folder: the arguments it ran with (`fusionrank check-image` reuses them).
+ARGUMENTS_FILE = "pipeline-arguments.json"
 
+
+def run_local(params: dict[str, object], home: Path | None = None, runner: str = "subprocess") -> LocalRun:
+    """Run the whole DAG on this machine under kfp.local.
+
+    `runner` "subprocess": every task in this environment (SubprocessRunner). "container": every task in its
+    image through a Docker-compatible engine (DockerRunner against podman; see fusionrank.containers).
     The registry is an SQLite file and the BentoML store a folder, both under `home`; each run's artifacts
     land under `home/runs/`.
     """
@@ -158,10 +155,12 @@ def run_local(params: dict[str, object], home: Path | None = None) -> LocalRun:
     from fusionrank.registry import local_registry_uri
     from pipelines.training import PIPELINE_NAME, training_pipeline
 
+    if runner not in RUNNERS:
+        raise ConfigError(f"unknown runner {runner!r}; expected one of {', '.join(RUNNERS)}")
     home = local_home(home)
     root = home / "runs"
     root.mkdir(parents=True, exist_ok=True)
-    # Tasks are subprocesses: they inherit these, and read nothing else from this process.
+    # Subprocess tasks inherit these, and read nothing else from this process (containers get their own).
     os.environ["BENTOML_HOME"] = str(home / "bentoml")
     os.environ.setdefault("FUSIONRANK_GIT_REVISION", git_revision())
     arguments = {
@@ -169,24 +168,56 @@ def run_local(params: dict[str, object], home: Path | None = None) -> LocalRun:
         "model_name": f"fusionrank-{params.get('source', 'homedepot')}",
     }
     arguments.update(params)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    before = set(root.glob(f"{PIPELINE_NAME}-*"))
-    started = time.time()
-    outcome, error = None, None
-    try:
-        with warnings.catch_warnings():
-            # Expected locally: resources apply on a cluster only, and the tasks run in this environment,
-            # which holds the same fusionrank package as the component image.
-            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-            warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
-            task = training_pipeline(**arguments)
-        outcome = task.output
-    except RuntimeError as exc:
-        error = ANSI.sub("", str(exc))
-    seconds = time.time() - started
+    with _kfp_runner(runner, home, arguments) as (kfp_runner, arguments, failed_task):
+        local.init(runner=kfp_runner, pipeline_root=str(root), raise_on_error=True)
+        before = set(root.glob(f"{PIPELINE_NAME}-*"))
+        started = time.time()
+        outcome, error = None, None
+        try:
+            with warnings.catch_warnings():
+                # Expected locally: resources apply on a cluster only, and the subprocess tasks run in this
+                # environment, which holds the same fusionrank package as the component image.
+                warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+                warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+                task = training_pipeline(**arguments)
+            outcome = task.output
+        except RuntimeError as exc:
+            error = ANSI.sub("", str(exc)) + failed_task()
+        seconds = time.time() - started
     created = sorted(set(root.glob(f"{PIPELINE_NAME}-*")) - before)
     run_dir = created[-1] if created else None
-    return LocalRun(root, run_dir, outcome, seconds, _step_seconds(run_dir, started), error)
+    steps = _step_seconds(run_dir, started)
+    if run_dir is not None:
+        (run_dir / ARGUMENTS_FILE).write_text(json.dumps(arguments, indent=2, sort_keys=True))
+    return LocalRun(root, run_dir, outcome, seconds, steps, error)
+
+
+@contextlib.contextmanager
+def _kfp_runner(runner: str, home: Path, arguments: dict[str, object]):
+    """(kfp runner, the arguments to run with, a function giving the failed task's details) for the block."""
+    if runner == "subprocess":
+        from kfp import local
+
+        yield local.SubprocessRunner(use_venv=False), arguments, lambda: ""
+        return
+    from fusionrank.containers import container_run
+
+    with container_run(home, arguments) as run:
+        yield run.runner, run.arguments, run.record.describe
+
+
+def latest_approved_run(home: Path) -> Path:
+    """The newest run under `home/runs` that went through the approved branch (its package step ran)."""
+    from pipelines.training import PIPELINE_NAME
+
+    runs = sorted((home / "runs").glob(f"{PIPELINE_NAME}-*"), reverse=True)
+    for run_dir in runs:
+        if (run_dir / ARGUMENTS_FILE).is_file() and (run_dir / "register" / "executor_output.json").is_file():
+            return run_dir
+    raise ConfigError(
+        f"no finished run under {home / 'runs'} took the approved branch: "
+        "run `fusionrank run --local --tiny --force-gate approve` first (or pass --run)"
+    )
 
 
 def _step_seconds(run_dir: Path | None, started: float) -> dict[str, float]:
@@ -195,6 +226,8 @@ def _step_seconds(run_dir: Path | None, started: float) -> dict[str, float]:
         return {}
     finished = {}
     for task_dir in run_dir.iterdir():
+        if not task_dir.is_dir():
+            continue
         stamps = [p.stat().st_mtime for p in task_dir.rglob("*")]
         if stamps:
             finished[task_dir.name] = max(stamps)

@@ -934,7 +934,7 @@ def serving_config(
 
 
 def _checkout_revision() -> str:
-    from fusionrank.orchestration import git_revision
+    from fusionrank.revision import git_revision
 
     return git_revision()
 
