@@ -49,6 +49,9 @@ SMALL = {
     "bert_max_train_samples": 30,
     "bert_batch_size": 16,
     "bert_max_length": 32,
+    "bi_max_train_samples": 30,
+    "bi_max_length": 32,
+    "embed_max_products": 600,
 }
 
 

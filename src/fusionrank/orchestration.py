@@ -221,14 +221,22 @@ def latest_approved_run(home: Path) -> Path:
 
 
 def _step_seconds(run_dir: Path | None, started: float) -> dict[str, float]:
-    """Each task's wall time, from when its outputs were last written (tasks run one after another)."""
+    """Each task's wall time, from when it finished (tasks run one after another).
+
+    A task's end is when it wrote its executor output, the last thing it writes; without one (a failed
+    task), its outputs' last change. Not the last change of any file under the task: a later step may
+    write into an earlier step's artifact (the bi-encoder writes embeddings into the run's online store).
+    """
     if run_dir is None:
         return {}
     finished = {}
     for task_dir in run_dir.iterdir():
         if not task_dir.is_dir():
             continue
-        stamps = [p.stat().st_mtime for p in task_dir.rglob("*")]
+        marker = task_dir / "executor_output.json"
+        stamps = (
+            [marker.stat().st_mtime] if marker.is_file() else [p.stat().st_mtime for p in task_dir.rglob("*")]
+        )
         if stamps:
             finished[task_dir.name] = max(stamps)
     seconds, previous = {}, started
