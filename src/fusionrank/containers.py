@@ -281,10 +281,12 @@ def grant_to_image_user(folder: Path) -> None:
         )
 
 
-def _bind(source: Path, read_only: bool):
+def _bind(path: Path, read_only: bool):
+    """`path` inside the container at the same path as here; a symbolic link (a `../shared` that links
+    elsewhere) is mounted from what it points to, so the task finds the path the arguments name."""
     from docker.types import Mount
 
-    return Mount(target=str(source), source=str(source), type="bind", read_only=read_only)
+    return Mount(target=str(path), source=str(path.resolve()), type="bind", read_only=read_only)
 
 
 def input_paths(arguments: dict[str, object]) -> list[Path]:
@@ -300,7 +302,8 @@ def input_paths(arguments: dict[str, object]) -> list[Path]:
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise ConfigError(f"{', '.join(missing)}: not found (a container run mounts each path it reads)")
-    return [p.resolve() for p in paths]
+    # the arguments name these paths: they are mounted there (a link's target as its source, see _bind)
+    return [p.absolute() for p in paths]
 
 
 def with_host_paths(arguments: dict[str, object]) -> dict[str, object]:
