@@ -419,6 +419,7 @@ def check_image(run_dir: Path, out_dir: Path, pipeline_yaml: Path | None = None)
     resolver = _Resolver(spec, run_dir, arguments)
     mounts = [_bind(run_dir, read_only=True), _bind(out_dir, read_only=False)]
     mounts += [_bind(p, read_only=True) for p in input_paths(arguments)]
+    mounts += _online_store_copy(run_dir, out_dir)
     results = []
     with engine() as url:
         client = client_for(url)
@@ -430,6 +431,26 @@ def check_image(run_dir: Path, out_dir: Path, pipeline_yaml: Path | None = None)
         finally:
             client.close()
     return results
+
+
+def _online_store_copy(run_dir: Path, out_dir: Path) -> list:
+    """A writable copy of the run's local feature store data, mounted where the run's store names it.
+
+    The online store is a service's state, not an artifact: the bi-encoder step writes the product
+    embeddings into it (Redis on a cluster). A local run keeps it, SQLite, inside the features step's
+    artifact, which the check mounts read-only; each check writes to its own copy instead, so the run's
+    store stays as the run left it.
+    """
+    import shutil
+
+    from docker.types import Mount
+
+    data = run_dir / "features" / "feature_store" / "feature_repo" / "data"
+    if not data.is_dir():
+        return []
+    copy = out_dir / "feature-store-data"
+    shutil.copytree(data, copy, dirs_exist_ok=True)
+    return [Mount(target=str(data), source=str(copy), type="bind", read_only=False)]
 
 
 def _check_executor(client, resolver, executor, dag, task_name, out_dir, mounts) -> ExecutorCheck:
