@@ -464,18 +464,7 @@ class CrossEncoder:
 
     def int8(self) -> CrossEncoder:
         """A copy with int8 dynamic quantization of every linear layer (CPU inference only)."""
-        import copy
-        import warnings
-
-        if self.device.type != "cpu":
-            raise ConfigError("int8 dynamic quantization runs on a CPU only")
-        with warnings.catch_warnings():
-            # deprecated in favour of torchao (not in this stack); still shipped and measured here
-            warnings.simplefilter("ignore")
-            model = torch.ao.quantization.quantize_dynamic(
-                copy.deepcopy(self.model).float(), {torch.nn.Linear}, dtype=torch.qint8
-            )
-        encoder = CrossEncoder(model.eval(), self.tokenizer, self.max_length)
+        encoder = CrossEncoder(int8_copy(self.model), self.tokenizer, self.max_length)
         encoder.quantized = True
         return encoder
 
@@ -515,6 +504,27 @@ class CrossEncoder:
         finally:
             self.model.train(was_training)
         return _restore_order(pairs, sorted_scores)
+
+
+def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a CPU model with int8 dynamic quantization of its linear layers, in eval mode.
+
+    Activations are quantized with a scale computed per batch, so a score depends slightly on what it is
+    batched with: callers that need reproducible answers run one request per pass.
+    """
+    import copy
+    import warnings
+
+    if next(model.parameters()).device.type != "cpu":
+        raise ConfigError("int8 dynamic quantization runs on a CPU only")
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, which is not in this stack; the eager
+        # dynamic quantization it still ships is what this CPU path measures (STACK-NOTES).
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model).float(), {torch.nn.Linear}, dtype=torch.qint8
+        )
+    return quantized.eval()
 
 
 def pretrained_similarity(

@@ -19,7 +19,6 @@ labelled relevant too are not treated as negatives of the anchor).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -42,6 +41,7 @@ from fusionrank.bert import (
     _restore_order,
     check_pairs,
     encode_pairs,
+    int8_copy,
     ndcg_at_k,
     resolve_device,
 )
@@ -162,18 +162,7 @@ class BiEncoder:
 
     def int8(self) -> BiEncoder:
         """A copy with int8 dynamic quantization of every linear layer (CPU inference only)."""
-        if self.device.type != "cpu":
-            raise ConfigError("int8 dynamic quantization runs on a CPU only")
-        import warnings
-
-        with warnings.catch_warnings():
-            # torch.ao.quantization is deprecated in favour of torchao, which is not in this stack; the
-            # eager dynamic quantization it still ships is what this CPU path measures (STACK-NOTES).
-            warnings.simplefilter("ignore")
-            quantized = torch.ao.quantization.quantize_dynamic(
-                copy.deepcopy(self.model).float(), {torch.nn.Linear}, dtype=torch.qint8
-            )
-        return BiEncoder(quantized.eval(), self.tokenizer, self.max_length, quantized=True)
+        return BiEncoder(int8_copy(self.model), self.tokenizer, self.max_length, quantized=True)
 
     def encode(self, texts: list[str] | tuple[str, ...], batch_size: int = 256) -> np.ndarray:
         """The unit-length float32 embedding of each text, in input order ([len(texts), dimension])."""
