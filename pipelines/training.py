@@ -62,6 +62,16 @@ def _feature_store_access(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
+def _gpu_node(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """One GPU, the GPU nodes' taint tolerated, a memory-backed /dev/shm, and a time limit."""
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    kubernetes.add_toleration(task, key=GPU_NODE_TAINT, operator="Exists", effect="NoSchedule")
+    # PyTorch data loader workers share tensors through /dev/shm, which defaults to 64 MB in a pod.
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+    kubernetes.set_timeout(task, seconds=6 * 3600)
+    return task
+
+
 def _resources(task: dsl.PipelineTask, size: tuple[str, str, str, str], retries: int = 0) -> dsl.PipelineTask:
     cpu_request, cpu_limit, memory_request, memory_limit = size
     task.set_cpu_request(cpu_request).set_cpu_limit(cpu_limit)
@@ -176,11 +186,7 @@ def training_pipeline(
         ).set_caching_options(True),
         HEAVY,
     )
-    finetune_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-    kubernetes.add_toleration(finetune_task, key=GPU_NODE_TAINT, operator="Exists", effect="NoSchedule")
-    # PyTorch data loader workers share tensors through /dev/shm, which defaults to 64 MB in a pod.
-    kubernetes.empty_dir_mount(finetune_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-    kubernetes.set_timeout(finetune_task, seconds=6 * 3600)
+    _gpu_node(finetune_task)
 
     biencoder_task = _resources(
         finetune_biencoder(
@@ -205,10 +211,7 @@ def training_pipeline(
         HEAVY,
     )
     _feature_store_access(biencoder_task)
-    biencoder_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-    kubernetes.add_toleration(biencoder_task, key=GPU_NODE_TAINT, operator="Exists", effect="NoSchedule")
-    kubernetes.empty_dir_mount(biencoder_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-    kubernetes.set_timeout(biencoder_task, seconds=6 * 3600)
+    _gpu_node(biencoder_task)
     scored_frames = biencoder_task.outputs["dense_frames"]
 
     fusion_task = _resources(
