@@ -21,22 +21,10 @@ from pathlib import Path
 
 from fusionrank.containers import docker_host, engine
 from fusionrank.data.sources import default_data_dir
-from fusionrank.orchestration import LOCAL_DEFAULTS, STEP_ORDER, LocalRun, run_local
+from fusionrank.orchestration import LOCAL_DEFAULTS, SMOKE_PARAMS, STEP_ORDER, LocalRun, run_local
 from pipelines.training import DEFAULT_GATE
 
-SMALL = {
-    "source": "homedepot",
-    "seed": 3,
-    "max_queries": 120,
-    "max_users": 300,
-    "candidates_k": 20,
-    "max_eval_requests": 12,
-    "tiny_model": True,
-    "bert_max_steps": 4,
-    "bert_max_train_samples": 30,
-    "bert_batch_size": 16,
-    "bert_max_length": 32,
-}
+SMALL = {**SMOKE_PARAMS, "source": "homedepot", "seed": 3}
 
 
 def evaluation(run: LocalRun) -> dict:

@@ -29,7 +29,7 @@ import yaml
 
 from components.images import CPU_IMAGE, GPU_IMAGE
 from fusionrank.errors import ConfigError, ServiceUnavailable
-from fusionrank.orchestration import LocalRun, compile_pipeline, run_local
+from fusionrank.orchestration import SMOKE_PARAMS, LocalRun, compile_pipeline, run_local
 from fusionrank.registry import Registry, local_registry_uri
 from fusionrank.revision import code_revision
 from pipelines.training import DEFAULT_GATE
@@ -37,22 +37,7 @@ from pipelines.training import DEFAULT_GATE
 REPO = Path(__file__).resolve().parents[1]
 PODMAN_CONF = REPO / "deploy" / "podman" / "containers.conf"
 METRIC_TOLERANCE = 1e-9
-SMALL = {
-    "source": "homedepot",
-    "seed": 3,
-    "max_queries": 120,
-    "max_users": 300,
-    "candidates_k": 20,
-    "max_eval_requests": 12,
-    "tiny_model": True,
-    "bert_max_steps": 4,
-    "bert_max_train_samples": 30,
-    "bert_batch_size": 16,
-    "bert_max_length": 32,
-    "bi_max_train_samples": 30,
-    "bi_max_length": 32,
-    "embed_max_products": 600,
-}
+SMALL = {**SMOKE_PARAMS, "source": "homedepot", "seed": 3}
 
 
 def gate(force: str) -> dict:

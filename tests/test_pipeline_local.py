@@ -9,26 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fusionrank.orchestration import LocalRun, run_local
+from fusionrank.orchestration import SMOKE_PARAMS, LocalRun, run_local
 from fusionrank.registry import Registry, local_registry_uri
 from pipelines.training import DEFAULT_GATE
 
 pytestmark = pytest.mark.slow
 
-SMALL = {
-    "max_queries": 120,
-    "max_users": 300,
-    "candidates_k": 20,
-    "max_eval_requests": 12,
-    "tiny_model": True,
-    "bert_max_steps": 4,
-    "bert_max_train_samples": 30,
-    "bert_batch_size": 16,
-    "bert_max_length": 32,
-    "bi_max_train_samples": 30,
-    "bi_max_length": 32,
-    "embed_max_products": 600,
-}
+SMALL = SMOKE_PARAMS
 
 
 def gate(force: str) -> dict:

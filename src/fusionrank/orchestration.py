@@ -38,6 +38,22 @@ LOCAL_DEFAULTS: dict[str, object] = {
     # every candidate of the evaluation frames, and a random draw of the catalog up to this many
     "embed_max_products": 8000,
 }
+# A smoke run: small samples of the real data and a tiny random BERT, so the whole DAG takes a couple of
+# minutes (the tests' runs, subprocess and container, and benchmarks/bench_container_run.py).
+SMOKE_PARAMS: dict[str, object] = {
+    "max_queries": 120,
+    "max_users": 300,
+    "candidates_k": 20,
+    "max_eval_requests": 12,
+    "tiny_model": True,
+    "bert_max_steps": 4,
+    "bert_max_train_samples": 30,
+    "bert_batch_size": 16,
+    "bert_max_length": 32,
+    "bi_max_train_samples": 30,
+    "bi_max_length": 32,
+    "embed_max_products": 600,
+}
 FULL_OVERRIDES: dict[str, object] = {
     "max_queries": 0,
     "max_users": 0,
