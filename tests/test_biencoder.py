@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -264,7 +265,8 @@ def test_int8_scores_do_not_depend_on_the_requests_batched_alongside(
     one = Context(query="drill")
     others = [Context(query="a much longer query about paint rollers and brushes"), Context(query="fan")]
     alone = signal.score(one, ["p0", "p1"])
-    batched = signal.score_batch([one, *others], [["p0", "p1"], ["p2"], ["p3"]])[0]
+    fresh = dataclasses.replace(signal)  # an empty context-vector cache: "drill" is encoded again
+    batched = fresh.score_batch([one, *others], [["p0", "p1"], ["p2"], ["p3"]])[0]
     assert np.array_equal(alone, batched)
 
     cross = CrossEncoder.load(tiny).int8()
@@ -272,3 +274,22 @@ def test_int8_scores_do_not_depend_on_the_requests_batched_alongside(
     request = RankingExample(one, ["p0", "p1"])
     crowd = [request, *(RankingExample(c, ["p2", "p3", "p4"]) for c in others)]
     assert np.array_equal(bert_scores(cross, [request], titles), bert_scores(cross, crowd, titles)[:2])
+
+
+def test_a_context_is_encoded_once_for_retrieval_and_scoring(tiny: Path, products: pd.DataFrame) -> None:
+    signal = DenseSignal.build(BiEncoder.load(tiny), products)
+    encoded: list[list[str]] = []
+    encode = signal.encoder.encode
+
+    def counting(texts, *args, **kwargs):
+        encoded.append(list(texts))
+        return encode(texts, *args, **kwargs)
+
+    signal.encoder.encode = counting
+    context = Context(query="drill")
+    top = signal.retrieve(context, 3)
+    scores = signal.score(context, [pid for pid, _ in top])
+    assert encoded == [["drill"]]  # the second use reads the cached vector
+    np.testing.assert_allclose(scores, [score for _, score in top], rtol=1e-6)
+    signal.score_batch([Context(query="fan"), context], [["p0"], ["p1"]])
+    assert encoded == [["drill"], ["fan"]]  # only the new text is encoded

@@ -18,8 +18,10 @@ that as a missing value, so the other signals rank them, and `coverage` says how
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,9 @@ KIND = "dense"
 MODEL_DIR = "model"
 EMBEDDINGS_FILE = "embeddings.npy"
 TITLES_FILE = "titles.parquet"
+# Context vectors kept per signal: a served request encodes its text once for retrieval and scoring both,
+# and a repeated query or history is not encoded again.
+VECTOR_CACHE_SIZE = 4096
 
 
 @dataclass
@@ -46,6 +51,10 @@ class DenseSignal:
     catalog_size: int
     int8: bool = False
     name: str = "dense"
+    _vectors: OrderedDict[str, np.ndarray] = field(
+        default_factory=OrderedDict, init=False, repr=False, compare=False
+    )
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -90,14 +99,33 @@ class DenseSignal:
         if present.any():
             vectors = np.full((len(unique), self.embeddings.shape[1]), np.nan, dtype=np.float32)
             texts_present = [t for t, p in zip(unique, present, strict=True) if p]
+            vectors[present] = self._encode(texts_present)
+            out = vectors[codes]
+        return out
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        """The encoder's vector of each (distinct, non-empty) text, from the cache where it has one."""
+        found: dict[str, np.ndarray] = {}
+        with self._lock:
+            for text in texts:
+                vector = self._vectors.get(text)
+                if vector is not None:
+                    self._vectors.move_to_end(text)
+                    found[text] = vector
+        missing = [t for t in texts if t not in found]
+        if missing:
             if getattr(self.encoder, "quantized", False):
                 # int8 dynamic quantization scales activations per batch: one text per pass keeps a
                 # request's score independent of the requests batched with it
-                vectors[present] = np.concatenate([self.encoder.encode([t]) for t in texts_present])
+                new = np.concatenate([self.encoder.encode([t]) for t in missing])
             else:
-                vectors[present] = self.encoder.encode(texts_present)
-            out = vectors[codes]
-        return out
+                new = self.encoder.encode(missing)
+            with self._lock:
+                for text, vector in zip(missing, new, strict=True):
+                    found[text] = self._vectors[text] = vector
+                while len(self._vectors) > VECTOR_CACHE_SIZE:
+                    self._vectors.popitem(last=False)
+        return np.stack([found[t] for t in texts])
 
     def score(self, context: Context, candidates: Sequence[str]) -> np.ndarray:
         return self.score_batch([context], [candidates])[0]
