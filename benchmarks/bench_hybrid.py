@@ -42,6 +42,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -151,6 +152,29 @@ class RunPaths:
                 if model_manifest.is_file() and json.loads(model_manifest.read_text()) == manifest:
                     found.append((str(spec.get("creation_time")), f"{spec['name']}:{spec['version']}"))
         return max(found)[1] if found else None
+
+    def rebuild_bento(self) -> None:
+        """Serve this run's model with the current serving code: `packaging.build_bento` around the model
+        of the run's Bento, in the run's BentoML home (a subprocess, so that home is BentoML's own)."""
+        import yaml
+
+        if not self.bento:
+            raise SystemExit(f"{self.run}: no Bento to rebuild (the package step did not build one)")
+        name, _, version = self.bento.partition(":")
+        spec = yaml.safe_load((self.bentoml_home / "bentos" / name / version / "bento.yaml").read_text())
+        model = next(m["tag"] for service in spec["services"] for m in service.get("models") or [])
+        code = "from fusionrank.packaging import build_bento; import sys; print(build_bento(sys.argv[1]).tag)"
+        done = subprocess.run(
+            [sys.executable, "-c", code, model],
+            env={**os.environ, "BENTOML_HOME": str(self.bentoml_home), "BENTOML_DO_NOT_TRACK": "true"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode:
+            raise SystemExit(f"rebuilding the Bento of {model} failed:\n{done.stderr[-3000:]}")
+        self.bento = done.stdout.strip().splitlines()[-1]
+        self.bento_source = f"rebuilt with the current code around {model} (--current-code)"
 
     def source(self) -> str:
         """The dataset the run ingested (its pipeline arguments, else the mode)."""
@@ -532,6 +556,7 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
         "BENTOML_DO_NOT_TRACK": "true",
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": str(args.torch_threads),
+        "FUSIONRANK_CONTEXT_CACHE": str(args.context_cache),
     }
     if retrieve_k:
         env["FUSIONRANK_RETRIEVE_K"] = str(retrieve_k)
@@ -596,6 +621,7 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
         "requests_per_phase": args.requests,
         "warmup_requests": args.warmup,
         "torch_threads": args.torch_threads,
+        "context_cache": args.context_cache,
         "retrieve_k": retrieve_k,
         "sweep_seconds": round(time.monotonic() - sweep_started, 1),
         "server_logs": str(logs),
@@ -703,7 +729,8 @@ def markdown(result: Mapping[str, Any]) -> str:
             f"clients, {latency['request_set']['requests']} test requests ({latency['request_set']['kind']}, "
             f"k=10) cycled, warm-up {latency['warmup_requests']} requests, up to "
             f"{latency['requests_per_phase']} measured requests per config within its time limit (see "
-            f"'requests'), OMP_NUM_THREADS={latency['torch_threads']}, FUSIONRANK_RETRIEVE_K="
+            f"'requests'), OMP_NUM_THREADS={latency['torch_threads']}, FUSIONRANK_CONTEXT_CACHE="
+            f"{latency.get('context_cache', '(unset)')}, FUSIONRANK_RETRIEVE_K="
             f"{latency['retrieve_k'] or '(unset)'}; 'all' served as FUSIONRANK_RERANK_K="
             f"{all_k or '(unset: the bundle says every candidate)'}; "
             f"sweep {latency['sweep_seconds']:.0f} s. Feature store "
@@ -804,6 +831,9 @@ def benchmark_run(run: Path, args: argparse.Namespace) -> dict[str, Any]:
     _log(f"[{load_average()}] {paths.run}: quality rows ...")
     quality = evaluate_quality(paths, int8=args.int8, fp32_check_queries=args.fp32_check_requests)
     _log(f"[{load_average()}] quality done in {quality['seconds']} s")
+    if args.latency and args.current_code:
+        paths.rebuild_bento()
+        _log(f"[{load_average()}] serving {paths.bento}: {paths.bento_source}")
     latency = latency_sweep(paths, args) if args.latency else {"skipped": "--no-latency"}
     return {
         "run": str(paths.run),
@@ -842,6 +872,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "evaluated_retrieve_k)",
     )
     parser.add_argument("--torch-threads", type=int, default=1, help="OMP_NUM_THREADS of the server")
+    parser.add_argument(
+        "--context-cache",
+        type=int,
+        default=32,
+        help="FUSIONRANK_CONTEXT_CACHE of the server: the default, one batch's contexts, keeps no request's "
+        "vector until its text comes round again (the requests cycle), so every request encodes its own",
+    )
+    parser.add_argument(
+        "--current-code",
+        action="store_true",
+        help="serve each run's model in a Bento rebuilt with the current serving code",
+    )
     parser.add_argument("--p99-target-ms", type=float, default=100.0)
     parser.add_argument("--fp32-check-requests", type=int, default=10, help="fp32 recompute check (0: off)")
     parser.add_argument("--json", type=Path, help="write every figure here")

@@ -12,11 +12,14 @@ def candidates(
     candidates_k: int,
     max_eval_requests: int,
     seed: int,
+    seq_epochs: int,
+    seq_max_seconds: float,
     signals: Output[Model],
     frames: Output[Dataset],
     metrics: Output[Metrics],
 ):
-    """Fit the traditional signals on the training split and build scored candidate frames."""
+    """Fit the traditional signals (SASRec too for users, when seq_epochs > 0) on the training split and
+    build scored candidate frames."""
     from fusionrank.steps import candidates_step
 
     figures = candidates_step(
@@ -28,6 +31,8 @@ def candidates(
         candidates_k,
         max_eval_requests,
         seed,
+        seq_epochs=seq_epochs,
+        seq_max_seconds=seq_max_seconds,
     )
     for name, value in figures.items():
         metrics.log_metric(name, value)

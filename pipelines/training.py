@@ -95,6 +95,8 @@ def training_pipeline(
     feature_store_env: str = "local",
     candidates_k: int = 100,
     max_eval_requests: int = 0,
+    seq_epochs: int = 20,
+    seq_max_seconds: float = 0.0,
     base_model: str = "",
     tiny_model: bool = False,
     bert_epochs: int = 1,
@@ -164,6 +166,8 @@ def training_pipeline(
             candidates_k=candidates_k,
             max_eval_requests=max_eval_requests,
             seed=seed,
+            seq_epochs=seq_epochs,
+            seq_max_seconds=seq_max_seconds,
         ).set_caching_options(True),
         HEAVY,
     )

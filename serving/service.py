@@ -13,6 +13,7 @@ when the service starts (`fusionrank.serving_logic.ServingSettings`).
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Annotated
 
@@ -58,6 +59,10 @@ class FusionRanker:
         ranker = Ranker.load(Path(self.bundle.path) / BUNDLE_DIR, int8=settings.int8)
         self.logic = RankingLogic(ranker, str(self.bundle.tag), open_online_store(ranker, settings), settings)
         self._limiter = None
+        # The loaded model lives as long as the worker: frozen, its objects are left out of every later
+        # collection, whose pause otherwise grows with them (one such pause stalls every request in flight).
+        gc.collect()
+        gc.freeze()
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     # The media type is declared: without it BentoML derives it from the list's JSON schema on every call.

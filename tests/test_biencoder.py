@@ -249,6 +249,9 @@ def test_the_server_adds_the_dense_top_k_to_bm25_candidates_as_the_pipeline_did(
     assert resolve_rerank_k(ranker, ServingSettings()) == 5  # no cross-encoder loaded: the CPU budget
     assert resolve_rerank_k(ranker, ServingSettings(rerank_k=0)) == 0
     assert ServingSettings.from_env({"FUSIONRANK_RERANK_K": "7"}).rerank_k == 7
+    assert ServingSettings.from_env({"FUSIONRANK_CONTEXT_CACHE": "0"}).context_cache == 0
+    with pytest.raises(ConfigError, match="context_cache"):
+        ServingSettings(context_cache=-1)
     with pytest.raises(ConfigError, match="rerank_k"):
         ServingSettings(rerank_k=-1)
 
@@ -293,3 +296,8 @@ def test_a_context_is_encoded_once_for_retrieval_and_scoring(tiny: Path, product
     np.testing.assert_allclose(scores, [score for _, score in top], rtol=1e-6)
     signal.score_batch([Context(query="fan"), context], [["p0"], ["p1"]])
     assert encoded == [["drill"], ["fan"]]  # only the new text is encoded
+
+    signal.cache_size = 1  # the oldest vectors leave first
+    signal.score(Context(query="saw"), ["p0"])
+    signal.score(context, ["p0"])
+    assert encoded[2:] == [["saw"], ["drill"]]

@@ -45,6 +45,7 @@ SMOKE_PARAMS: dict[str, object] = {
     "max_users": 300,
     "candidates_k": 20,
     "max_eval_requests": 12,
+    "seq_epochs": 2,
     "tiny_model": True,
     "bert_max_steps": 4,
     "bert_max_train_samples": 30,

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from fusionrank.context import Context, RankingExample
 from fusionrank.errors import ConfigError, FusionrankError, ServiceUnavailable
 from fusionrank.ranker import FEATURE_PREFIX, Ranker
+from fusionrank.signals.dense import VECTOR_CACHE_SIZE
 
 # One online lookup reads at most 500 products (`features.MAX_LOOKUP_PRODUCTS`): a request stays within it.
 MAX_CANDIDATES = 500
@@ -123,6 +124,9 @@ class ServingSettings:
     rerank_k: int | None = None
     # int8 CPU inference of the cross-encoder and the context encoder; None: the bundle's serving config.
     int8: bool | None = None
+    # Context vectors the dense signal keeps (most recent first out): a request's text is encoded once for
+    # retrieval and scoring, and a repeated query or history is not encoded again. 0 keeps none.
+    context_cache: int = VECTOR_CACHE_SIZE
 
     def __post_init__(self) -> None:
         if self.retrieve_k is not None and not 1 <= self.retrieve_k <= MAX_CANDIDATES:
@@ -131,11 +135,14 @@ class ServingSettings:
             raise ConfigError(f"store_retry_seconds must not be negative, got {self.store_retry_seconds}")
         if self.rerank_k is not None and not 0 <= self.rerank_k <= MAX_CANDIDATES:
             raise ConfigError(f"rerank_k must be between 0 and {MAX_CANDIDATES}, got {self.rerank_k}")
+        if self.context_cache < 0:
+            raise ConfigError(f"context_cache must not be negative, got {self.context_cache}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
         """Settings from FUSIONRANK_* variables (FEATURE_REPO, FEATURE_STORE_YAML, RETRIEVE_K, RERANK_K,
-        INT8=on|off, STORE_RETRY_SECONDS, ADAPTIVE_BATCHING=on|off); unset ones keep their defaults."""
+        INT8=on|off, STORE_RETRY_SECONDS, ADAPTIVE_BATCHING=on|off, CONTEXT_CACHE); unset ones keep their
+        defaults."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         try:
@@ -145,6 +152,8 @@ class ServingSettings:
                 values["rerank_k"] = int(env["FUSIONRANK_RERANK_K"])
             if "FUSIONRANK_STORE_RETRY_SECONDS" in env:
                 values["store_retry_seconds"] = float(env["FUSIONRANK_STORE_RETRY_SECONDS"])
+            if env.get("FUSIONRANK_CONTEXT_CACHE", "").strip():
+                values["context_cache"] = int(env["FUSIONRANK_CONTEXT_CACHE"])
         except ValueError as exc:
             raise ConfigError(f"a FUSIONRANK_* serving setting is not a number: {exc}") from exc
         for key, name in (
@@ -273,6 +282,9 @@ class RankingLogic:
             git_revision=str(manifest.get("git_revision", "")),
         )
         self.rerank_k = resolve_rerank_k(ranker, self.settings)
+        for signal in ranker.signals.values():
+            if hasattr(signal, "cache_size"):
+                signal.cache_size = self.settings.context_cache
         configured = (manifest.get("serving") or {}).get("retrieve_k")
         self.retrieve_k = self.settings.retrieve_k or int(configured or DEFAULT_RETRIEVE_K)
 

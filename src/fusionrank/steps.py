@@ -30,6 +30,7 @@ from fusionrank.ranker import (
     write_bundle,
 )
 from fusionrank.signals.base import FallbackRetriever
+from fusionrank.signals.sequential import SASRecConfig
 
 SPLIT_NAMES = ("train", "valid", "test")
 STORE_INFO = "feature_store.json"
@@ -189,12 +190,22 @@ def feature_frame(
 # 3. traditional signals and candidate frames
 
 
-def fit_signals(tables: Tables, mode: str, train: pd.DataFrame) -> dict[str, object]:
-    """The traditional signals of a mode, fitted on the training split only."""
+def fit_signals(
+    tables: Tables,
+    mode: str,
+    train: pd.DataFrame,
+    valid: pd.DataFrame | None = None,
+    sasrec: SASRecConfig | None = None,
+) -> dict[str, object]:
+    """The traditional signals of a mode, fitted on the training split only.
+
+    For recommendation, `sasrec` adds the sequential signal, its epoch picked on the `valid` held-out events.
+    """
     from fusionrank.protocols import EASE_L2, KNN_RECENCY_DECAY
     from fusionrank.signals.bm25 import BM25Signal
     from fusionrank.signals.cf import EASESignal, ItemKNNSignal
     from fusionrank.signals.popularity import PopularitySignal
+    from fusionrank.signals.sequential import SASRecSignal
 
     if mode == "search":
         signals = [BM25Signal.fit(tables.products), PopularitySignal.fit_judgments(train)]
@@ -208,6 +219,8 @@ def fit_signals(tables: Tables, mode: str, train: pd.DataFrame) -> dict[str, obj
         ItemKNNSignal.fit(train, recency_decay=KNN_RECENCY_DECAY),
         EASESignal.fit(train, l2=EASE_L2, min_item_count=min_count),
     ]
+    if sasrec is not None:
+        signals.append(SASRecSignal.fit(train, valid=valid, config=sasrec, log=print))
     return {signal.name: signal for signal in signals}
 
 
@@ -224,8 +237,9 @@ def build_examples(
     """The evaluation requests of split `which`.
 
     Search: the BM25 top `candidates_k` over the whole catalog (unjudged products count as non-relevant), the
-    realistic task. Recommendation: the held-out item among 19 others, as in the LLMRank protocol; test users
-    listed by the published protocol get its exact lists, others get uniformly sampled negatives.
+    realistic task. Recommendation: the held-out item among 19 others, as in the LLMRank protocol: the test
+    requests are the users the published protocol lists (with its exact lists) when the data has them;
+    validation users get uniformly sampled negatives.
     """
     from fusionrank.splits import recommendation_examples, search_examples
 
@@ -243,6 +257,12 @@ def build_examples(
             gain_offset=SEARCH_GAIN_OFFSET,
         )
     lists = _protocol_lists(tables, parts, which, seed)
+    if which == "test" and tables.eval_candidates is not None:
+        # the published protocol's users are the test set (a sampled run keeps them first)
+        listed = tables.eval_candidates.loc[tables.eval_candidates["protocol"] == "llmrank-6k", "user_id"]
+        listed_users = set(listed.astype(str))
+        if listed_users & set(lists):
+            lists = {user: items for user, items in lists.items() if user in listed_users}
     examples = recommendation_examples(parts, which=which, candidates=lists)
     if max_requests and len(examples) > max_requests:
         order = np.random.default_rng(seed).permutation(len(examples))[:max_requests]
@@ -279,11 +299,20 @@ def candidates_step(
     candidates_k: int,
     max_eval_requests: int,
     seed: int,
+    seq_epochs: int = 0,
+    seq_max_seconds: float = 0.0,
 ) -> dict[str, float]:
-    """Fit the traditional signals and write the valid/test candidate frames with signals and features."""
+    """Fit the traditional signals and write the valid/test candidate frames with signals and features.
+
+    `seq_epochs` > 0 adds SASRec to a recommendation run (at most that many epochs, and `seq_max_seconds` of
+    training when positive).
+    """
     tables = Tables.read(dataset_dir)
     mode, parts = read_splits(splits_dir)
-    signals = fit_signals(tables, mode, parts["train"])
+    sasrec = None
+    if seq_epochs > 0 and mode == "recommendation":
+        sasrec = SASRecConfig(epochs=seq_epochs, max_seconds=seq_max_seconds, seed=seed)
+    signals = fit_signals(tables, mode, parts["train"], parts["valid"], sasrec)
     for name, signal in signals.items():
         signal.save(Path(signals_dir) / name)
     out = Path(frames_dir)

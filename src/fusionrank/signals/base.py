@@ -145,6 +145,7 @@ def load_signal(directory: str | Path) -> Signal:
     from fusionrank.signals.cf import EASESignal, ItemKNNSignal
     from fusionrank.signals.dense import DenseSignal
     from fusionrank.signals.popularity import PopularitySignal
+    from fusionrank.signals.sequential import SASRecSignal
 
     classes: dict[str, Any] = {
         "bm25": BM25Signal,
@@ -152,6 +153,7 @@ def load_signal(directory: str | Path) -> Signal:
         "item_knn": ItemKNNSignal,
         "ease": EASESignal,
         "dense": DenseSignal,
+        "sasrec": SASRecSignal,
     }
     kind = read_meta(directory)["kind"]
     if kind not in classes:

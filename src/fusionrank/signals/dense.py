@@ -51,6 +51,7 @@ class DenseSignal:
     catalog_size: int
     int8: bool = False
     name: str = "dense"
+    cache_size: int = VECTOR_CACHE_SIZE  # context vectors kept (see `_encode`); 0 keeps none
     _vectors: OrderedDict[str, np.ndarray] = field(
         default_factory=OrderedDict, init=False, repr=False, compare=False
     )
@@ -123,7 +124,7 @@ class DenseSignal:
             with self._lock:
                 for text, vector in zip(missing, new, strict=True):
                     found[text] = self._vectors[text] = vector
-                while len(self._vectors) > VECTOR_CACHE_SIZE:
+                while len(self._vectors) > self.cache_size:
                     self._vectors.popitem(last=False)
         return np.stack([found[t] for t in texts])
 
