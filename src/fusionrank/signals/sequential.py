@@ -6,7 +6,8 @@ and learns which purchase tends to follow which, the strongest traditional recom
 table (NDCG@10 75.92 against BPR-MF's 66.27). It is fitted on the training split only, each position
 predicting the next purchase, with a sampled softmax: the batch's other next purchases plus
 `negatives` uniformly drawn items, an item equal to the true next one masked out. The validation split, when
-given, picks the epoch (early stopping on NDCG@10 of the held-out purchase among 99 drawn items).
+given, picks the epoch (early stopping on NDCG@10 of the held-out purchase among 99 drawn items, for at
+most 5,000 users).
 
 Scoring a request is one forward pass over its last `max_length` known purchases and a dot product with
 each candidate's item embedding. Every sequence is padded to `max_length` on the left, so a request's score
@@ -34,6 +35,7 @@ from fusionrank.signals.base import ProductIndex, read_meta, top_k, write_meta
 KIND = "sasrec"
 WEIGHTS_FILE = "model.safetensors"
 VALID_NEGATIVES = 99
+VALID_USERS = 5000  # held-out events scored after each epoch (a seeded draw when there are more)
 PAD = 0  # item token 0 pads; product row r is token r + 1
 
 
@@ -325,6 +327,8 @@ class _ValidSet:
         cls, signal: SASRecSignal, sequences: dict[str, np.ndarray], valid: pd.DataFrame, seed: int
     ) -> _ValidSet:
         rng = np.random.default_rng(seed)
+        if len(valid) > VALID_USERS:
+            valid = valid.iloc[np.sort(rng.choice(len(valid), size=VALID_USERS, replace=False))]
         ids = np.asarray(signal.index.ids)
         contexts, candidates = [], []
         for user, target in zip(valid["user_id"].astype(str), valid["product_id"].astype(str), strict=True):
