@@ -94,3 +94,16 @@ def test_registry_errors_leave_aliases_alone(tmp_path: Path, command: list[str])
     assert "Traceback" not in result.stderr
     assert ("no version 7" in result.stderr) or ("no 'previous' version" in result.stderr)
     assert {v.version: v.aliases for v in registry.versions()} == before == {1: ["challenger", "champion"]}
+
+
+def test_pipeline_parameters_are_read_as_yaml_and_typed_as_the_pipeline_declares() -> None:
+    from fusionrank.errors import ConfigError
+    from fusionrank.orchestration import parse_params
+
+    params = parse_params(["seq_max_seconds=900", "max_users=0", "promote=false", "source=amazon-games"])
+    assert params == {"seq_max_seconds": 900.0, "max_users": 0, "promote": False, "source": "amazon-games"}
+    assert isinstance(params["seq_max_seconds"], float)
+    with pytest.raises(ConfigError, match="unknown pipeline parameter 'nope'"):
+        parse_params(["nope=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_params(["max_users"])

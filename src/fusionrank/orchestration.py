@@ -92,15 +92,19 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
     """`key=value` strings as pipeline arguments; values are read as YAML (numbers, booleans, mappings)."""
     from pipelines.training import training_pipeline
 
-    known = set(training_pipeline.component_spec.inputs or {})
+    inputs = training_pipeline.component_spec.inputs or {}
     params: dict[str, object] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep:
             raise ConfigError(f"--param takes key=value, got {pair!r}")
-        if key not in known:
-            raise ConfigError(f"unknown pipeline parameter {key!r}; known: {', '.join(sorted(known))}")
-        params[key] = yaml.safe_load(raw) if raw else ""
+        if key not in inputs:
+            raise ConfigError(f"unknown pipeline parameter {key!r}; known: {', '.join(sorted(inputs))}")
+        value = yaml.safe_load(raw) if raw else ""
+        # a whole number given to a float parameter (seq_max_seconds=900): KFP refuses an int there
+        if inputs[key].type == "Float" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        params[key] = value
     return params
 
 
