@@ -271,6 +271,9 @@ def main() -> None:
             "BENTOML_DO_NOT_TRACK": "true",
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": str(args.torch_threads),
+            # one batch's contexts: a request's text is encoded once, but never found cached from an
+            # earlier request of the cycled request set (a bundle with a dense signal)
+            "FUSIONRANK_CONTEXT_CACHE": "32",
         }
         os.environ.update(env)
         from fusionrank.packaging import save_to_bentoml

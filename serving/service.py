@@ -96,7 +96,7 @@ def _schema_once(spec: type) -> None:
     def model_json_schema(*args: object, **kwargs: object) -> dict:
         return dict(schema) if not args and not kwargs else compute(*args, **kwargs)
 
-    spec.model_json_schema = model_json_schema
+    spec.model_json_schema = staticmethod(model_json_schema)  # the same on the class and its instances
 
 
 _schema_once(FusionRanker.apis["rank_batch"].output_spec)

@@ -124,8 +124,8 @@ class ServingSettings:
     rerank_k: int | None = None
     # int8 CPU inference of the cross-encoder and the context encoder; None: the bundle's serving config.
     int8: bool | None = None
-    # Context vectors the dense signal keeps (most recent first out): a request's text is encoded once for
-    # retrieval and scoring, and a repeated query or history is not encoded again. 0 keeps none.
+    # Context vectors the dense signal keeps (the least recently used leave first): a request's text is
+    # encoded once for retrieval and scoring, and a repeated query or history is not encoded again. 0: none.
     context_cache: int = VECTOR_CACHE_SIZE
 
     def __post_init__(self) -> None:
