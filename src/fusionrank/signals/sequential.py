@@ -176,7 +176,8 @@ class SASRecSignal:
                 record["valid_ndcg10"] = monitor.ndcg10(signal)
             history.append(record)
             if log:
-                log(f"sasrec epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+                figures = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch")
+                log(f"sasrec epoch {epoch + 1}: {figures}")
             score = record.get("valid_ndcg10", float(epoch))
             if score > best:
                 best, stale = score, 0
