@@ -308,6 +308,8 @@ def test_sqlite_and_redis_lookups_agree(games: Tables, online: dict[str, OnlineF
         pd.testing.assert_frame_equal(local_products, redis_products)
     assert local_products["product_id"].tolist() == products
     assert local_products["popularity_all"].iloc[0] > 0
+    # a repeated id gets the same row again, read once
+    assert local_products.iloc[-1].tolist() == local_products.iloc[0].tolist()
 
 
 @pytest.mark.slow
