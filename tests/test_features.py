@@ -17,6 +17,7 @@ from fusionrank.data.sources import default_data_dir, load_source, sample
 from fusionrank.errors import ConfigError, DataError, ServiceUnavailable
 from fusionrank.features import (
     FEATURE_DEFAULTS,
+    HISTORY_LENGTH,
     MAX_LOOKUP_PRODUCTS,
     STATIC_SNAPSHOT_TIME,
     FeatureStoreInfo,
@@ -102,6 +103,12 @@ def test_static_product_features_use_catalog_columns_and_train_judgments_only() 
     assert by_id.loc["a", "judged_query_count"] == 2
     assert by_id.loc["b", "judged_query_count"] == 0
     assert by_id.loc["b", ["category", "brand"]].tolist() == ["tools", "bolt"]
+
+
+def test_the_online_history_is_as_long_as_sasrec_reads() -> None:
+    from fusionrank.signals.sequential import SASRecConfig
+
+    assert SASRecConfig().max_length <= HISTORY_LENGTH
 
 
 def test_user_history_is_newest_first_truncated_and_per_time() -> None:
@@ -235,7 +242,7 @@ def test_training_frame_is_point_in_time_correct(
     for row in frame.itertuples():
         times, products = by_user[row.user_id]
         upto = bisect.bisect_right(times, row.event_timestamp)
-        assert row.user_recent_products == products[:upto][::-1][:20]
+        assert row.user_recent_products == products[:upto][::-1][:HISTORY_LENGTH]
         assert row.user_event_count == upto
         seen = by_product[row.product_id]
         upto = bisect.bisect_right(seen, row.event_timestamp)
@@ -324,7 +331,7 @@ def test_lookup_matches_feast_online_api_and_latest_state(
 
     history = events[events["user_id"] == user_id]["product_id"].tolist()
     assert user["user_event_count"] == len(history)
-    assert user["user_recent_products"] == history[::-1][:20]
+    assert user["user_recent_products"] == history[::-1][:HISTORY_LENGTH]
     feast_user = store.store.get_online_features(
         features=[f"user_features:{n}" for n in USER_FEATURES], entity_rows=[{"user_id": user_id}]
     ).to_dict()

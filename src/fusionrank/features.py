@@ -51,7 +51,9 @@ DEFAULT_FEATURE_SERVICE = "fusionrank_ranker_v1"
 PRODUCT_VIEW = "product_features"
 USER_VIEW = "user_features"
 EMBEDDING_VIEW = "product_embedding"
-HISTORY_LENGTH = 20
+# A user's recent purchases kept online: as many as SASRec reads (`SASRecConfig.max_length`), so the served
+# history gives the scores offline evaluation computed (Amazon Games histories hold at most 49 earlier items).
+HISTORY_LENGTH = 50
 POPULARITY_WINDOWS = {"popularity_7d": pd.Timedelta(days=7), "popularity_30d": pd.Timedelta(days=30)}
 # Home Depot's judgments carry no time; the competition published them on 2016-01-18.
 STATIC_SNAPSHOT_TIME = pd.Timestamp("2016-01-18T00:00:00Z")
