@@ -246,6 +246,12 @@ def test_the_server_adds_the_dense_top_k_to_bm25_candidates_as_the_pipeline_did(
     ranker.manifest["serving"] = {**serving, "hybrid_k": 0}
     assert retrieve_candidates(ranker, context, 3) == lexical
 
+    from fusionrank.serving_logic import RankingLogic
+
+    manifest = {"serving": serving, "selected_fusion": "weighted"}
+    served = Ranker(Path("."), manifest, ranker.signals, {}, titles)
+    RankingLogic(served, "fusionrank-ranker:test", None, ServingSettings(context_cache=7))
+    assert dense.cache_size == 7  # the served dense signal keeps as many context vectors as configured
     assert resolve_rerank_k(ranker, ServingSettings()) == 5  # no cross-encoder loaded: the CPU budget
     assert resolve_rerank_k(ranker, ServingSettings(rerank_k=0)) == 0
     assert ServingSettings.from_env({"FUSIONRANK_RERANK_K": "7"}).rerank_k == 7
