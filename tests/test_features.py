@@ -320,10 +320,12 @@ def test_sqlite_and_redis_lookups_agree(games: Tables, online: dict[str, OnlineF
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("env", ["local", "cluster"])
 def test_lookup_matches_feast_online_api_and_latest_state(
-    games: Tables, online: dict[str, OnlineFeatures]
+    games: Tables, online: dict[str, OnlineFeatures], env: str
 ) -> None:
-    store = online["local"]
+    """The lookup reads the store itself (SQLite per view, Redis in one pipeline): Feast's API agrees."""
+    store = online[env]
     events = games.interactions.sort_values("event_timestamp", kind="stable")
     user_id = events["user_id"].iloc[-1]
     products = events["product_id"].drop_duplicates().iloc[:100].tolist()
