@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,6 @@ SMALL = SASRecConfig(
     dropout=0.0,
     epochs=12,
     learning_rate=0.02,
-    negatives=8,
     batch_size=64,
     patience=3,
 )
@@ -45,13 +45,14 @@ def _cycles(users: int, length: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["user_id", "product_id", "event_timestamp"])
 
 
-@pytest.fixture(scope="module")
-def fitted() -> SASRecSignal:
+@pytest.fixture(scope="module", params=[0, 8], ids=["full-softmax", "sampled-softmax"])
+def fitted(request: pytest.FixtureRequest) -> SASRecSignal:
+    """Trained with each loss: over the whole catalog (the default), and against 8 drawn items."""
     events = _cycles(120, 6, seed=0)
     ordered = events.sort_values(["user_id", "event_timestamp"])
     last = ordered.groupby("user_id").tail(1)
     train = ordered.drop(last.index)
-    return SASRecSignal.fit(train, valid=last, config=SMALL)
+    return SASRecSignal.fit(train, valid=last, config=dataclasses.replace(SMALL, negatives=request.param))
 
 
 def test_sasrec_learns_which_purchase_follows_which(fitted: SASRecSignal) -> None:
@@ -96,6 +97,8 @@ def test_impossible_settings_and_unusable_data_are_named(tmp_path: Path) -> None
         SASRecConfig(dim=10, heads=3)
     with pytest.raises(ConfigError, match="epochs"):
         SASRecConfig(epochs=0)
+    with pytest.raises(ConfigError, match="negatives"):
+        SASRecConfig(negatives=-1)
     one_each = _cycles(5, 1, seed=1)
     with pytest.raises(DataError, match="at least two training events"):
         SASRecSignal.fit(one_each, config=SMALL)
