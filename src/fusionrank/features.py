@@ -578,10 +578,11 @@ class OnlineFeatures:
 
     Reads go through the online store itself (Feast's key encoding and storage format) rather than
     `FeatureStore.get_online_features`, whose generic response assembly costs twice the read itself for
-    a hundred products; a test checks that both give the same values. SQLite is read with the store's
-    `online_read`, one view at a time. Redis is read as Feast's own batched read does it: the user's and
-    the products' HMGETs go in one pipeline, one round trip, with each entity's key bytes built once
-    per process and the values decoded without the timestamps Feast parses and the server never reads.
+    a hundred products; a test checks that both give the same values. Both stores are read with each
+    entity's key bytes built once per process and without the write timestamps Feast parses and the server
+    never reads: SQLite with one query per view over Feast's own table (`_SqliteReader`), Redis as Feast's
+    own batched read does it, the user's and the products' HMGETs in one pipeline (`_RedisReader`). Any
+    other online store goes through its `online_read`.
     """
 
     def __init__(
@@ -616,8 +617,11 @@ class OnlineFeatures:
         self.user_features = tuple(views.get(USER_VIEW, ([], []))[1])
         self._views = {name: self.store.get_feature_view(name) for name in views}
         self._provider = get_provider(self.store.config)
-        redis = online.type == "redis"
-        self._redis = _RedisReader(self.store, self._provider, self._views) if redis else None
+        self._reader: _RedisReader | _SqliteReader | None = None
+        if online.type == "redis":
+            self._reader = _RedisReader(self.store, self._provider, self._views)
+        elif online.type == "sqlite":
+            self._reader = _SqliteReader(self.store, self._provider, self._views)
 
     @classmethod
     def from_info(cls, info: FeatureStoreInfo) -> OnlineFeatures:
@@ -638,8 +642,8 @@ class OnlineFeatures:
         unique = list(dict.fromkeys(ids))
         users = [] if user_id is None else [user_id]
         try:
-            if self._redis is not None:
-                user_rows, product_rows = self._redis.read(
+            if self._reader is not None:
+                user_rows, product_rows = self._reader.read(
                     [(USER_VIEW, self.user_features, users), (PRODUCT_VIEW, self.product_features, unique)]
                 )
             else:
@@ -746,6 +750,68 @@ class _RedisReader:
                             column[row] = _proto_value(parse(raw))
                 at += len(ids)
             answers.append(columns)
+        return answers
+
+
+class _SqliteReader:
+    """Reads feature views from Feast's SQLite online store: one query per view, the key bytes of each
+    entity built once per process, and no write timestamps.
+
+    Feast's `online_read` also selects each row's `event_ts`, which its connection converts to a datetime
+    row by row (one row per entity and feature): most of its cost for a hundred products (3.7 ms against
+    1.6 ms for this read, measured on the whole Games store). The table, its key encoding and the
+    connection are Feast's own (`_table_id`, `serialize_entity_key`, `_get_conn`).
+    """
+
+    def __init__(self, store: FeatureStore, provider: Any, views: dict[str, Any]) -> None:
+        from feast.infra.key_encoding_utils import serialize_entity_key
+        from feast.infra.online_stores.sqlite import _quote_id, _table_id
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        config = store.config
+        self._online = provider.online_store
+        self._config = config
+        self._parse = Value.FromString
+        self._serialize = functools.partial(
+            serialize_entity_key, entity_key_serialization_version=config.entity_key_serialization_version
+        )
+        versioning = config.registry.enable_online_feature_view_versioning
+        self._tables = {
+            name: _quote_id(_table_id(config.project, view, versioning)) for name, view in views.items()
+        }
+        self._join_key = {name: view.join_keys[0] for name, view in views.items()}
+        self._keys: dict[tuple[str, str], bytes] = {}
+
+    def _key(self, join_key: str, value: str) -> bytes:
+        key = self._keys.get((join_key, value))
+        if key is None:
+            key = self._serialize(_entity_key(join_key, value))
+            if len(self._keys) < _MAX_CACHED_KEYS:
+                self._keys[join_key, value] = key
+        return key
+
+    def read(self, requests: list[tuple[str, tuple[str, ...], list[str]]]) -> list[dict[str, list[Any]]]:
+        """For each (view, features, ids): one list per feature, aligned with the ids (None: no value)."""
+        connection = self._online._get_conn(self._config)
+        answers = []
+        for view, features, ids in requests:
+            columns: dict[str, list[Any]] = {name: [None] * len(ids) for name in features}
+            answers.append(columns)
+            if not features or not ids:
+                continue
+            join_key = self._join_key[view]
+            keys = [self._key(join_key, i) for i in ids]
+            position = {key: row for row, key in enumerate(keys)}
+            rows = connection.execute(
+                f"SELECT entity_key, feature_name, value FROM {self._tables[view]} "
+                f"WHERE entity_key IN ({','.join('?' * len(keys))}) "
+                f"AND feature_name IN ({','.join('?' * len(features))})",
+                [*keys, *features],
+            ).fetchall()
+            parse = self._parse
+            for key, name, raw in rows:
+                if raw:
+                    columns[name][position[key]] = _proto_value(parse(raw))
         return answers
 
 
