@@ -555,9 +555,11 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
         "BENTOML_HOME": str(paths.bentoml_home),
         "BENTOML_DO_NOT_TRACK": "true",
         "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": str(args.torch_threads),
         "FUSIONRANK_CONTEXT_CACHE": str(args.context_cache),
+        "FUSIONRANK_WORKERS": str(args.workers),
     }
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
     if retrieve_k:
         env["FUSIONRANK_RETRIEVE_K"] = str(retrieve_k)
     configs = [(int8, k) for int8 in (False, True) for k in K_VALUES]
@@ -620,7 +622,8 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "requests_per_phase": args.requests,
         "warmup_requests": args.warmup,
-        "torch_threads": args.torch_threads,
+        "torch_threads": args.torch_threads or "cores / workers",
+        "workers": args.workers,
         "context_cache": args.context_cache,
         "retrieve_k": retrieve_k,
         "sweep_seconds": round(time.monotonic() - sweep_started, 1),
@@ -729,7 +732,8 @@ def markdown(result: Mapping[str, Any]) -> str:
             f"clients, {latency['request_set']['requests']} test requests ({latency['request_set']['kind']}, "
             f"k=10) cycled, warm-up {latency['warmup_requests']} requests, up to "
             f"{latency['requests_per_phase']} measured requests per config within its time limit (see "
-            f"'requests'), OMP_NUM_THREADS={latency['torch_threads']}, FUSIONRANK_CONTEXT_CACHE="
+            f"'requests'), {latency.get('workers', 1)} worker(s), torch threads {latency['torch_threads']}, "
+            f"FUSIONRANK_CONTEXT_CACHE="
             f"{latency.get('context_cache', '(unset)')}, FUSIONRANK_RETRIEVE_K="
             f"{latency['retrieve_k'] or '(unset)'}; 'all' served as FUSIONRANK_RERANK_K="
             f"{all_k or '(unset: the bundle says every candidate)'}; "
@@ -852,6 +856,9 @@ def benchmark_run(run: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_serving import add_server_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, action="append", required=True, help="a finished run folder")
     parser.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True)
@@ -871,7 +878,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         help="FUSIONRANK_RETRIEVE_K of the server (default: the run's BM25 depth for search, see "
         "evaluated_retrieve_k)",
     )
-    parser.add_argument("--torch-threads", type=int, default=1, help="OMP_NUM_THREADS of the server")
+    add_server_arguments(parser)
     parser.add_argument(
         "--context-cache",
         type=int,

@@ -231,16 +231,27 @@ async def load(url: str, requests: list[dict], count: int, concurrency: int, max
 
 
 def mean_batch_size(url: str) -> float | None:
-    """Requests per model call, from BentoML's adaptive batch size histogram."""
+    """Requests per model call of /rank, from the server's batch size histogram (warm-up included)."""
     import httpx
 
     total = count = 0.0
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("bentoml_service_adaptive_batch_size_sum"):
+        if line.startswith("fusionrank_rank_batch_size_sum"):
             total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("bentoml_service_adaptive_batch_size_count"):
+        elif line.startswith("fusionrank_rank_batch_size_count"):
             count += float(line.rsplit(" ", 1)[1])
     return round(total / count, 2) if count else None
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's process settings, as both load benchmarks take them."""
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="OMP_NUM_THREADS of the server; 0: the server's own choice, the CPU cores shared among workers",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="FUSIONRANK_WORKERS of the server")
 
 
 def main() -> None:
@@ -254,12 +265,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="measured requests per phase")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--max-seconds", type=float, default=90.0, help="time limit of each phase")
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=1,
-        help="OMP_NUM_THREADS of the server (on an oversubscribed CPU more threads spin and slow BERT down)",
-    )
+    add_server_arguments(parser)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -270,11 +276,13 @@ def main() -> None:
             "BENTOML_HOME": str(home),
             "BENTOML_DO_NOT_TRACK": "true",
             "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": str(args.torch_threads),
+            "FUSIONRANK_WORKERS": str(args.workers),
             # one batch's contexts: a request's text is encoded once, but never found cached from an
             # earlier request of the cycled request set (a bundle with a dense signal)
             "FUSIONRANK_CONTEXT_CACHE": "32",
         }
+        if args.torch_threads:
+            env["OMP_NUM_THREADS"] = str(args.torch_threads)
         os.environ.update(env)
         from fusionrank.packaging import save_to_bentoml
 
@@ -310,7 +318,8 @@ def main() -> None:
         "cascade_k": args.cascade_k if manifest["selected_fusion"] == "cascade" else None,
         "candidates_per_request": len(requests[0]["candidates"]),
         "concurrency": args.concurrency,
-        "torch_threads": args.torch_threads,
+        "torch_threads": args.torch_threads or "cores / workers",
+        "workers": args.workers,
         "cpus": os.cpu_count(),
         "load_average": round(os.getloadavg()[0], 1),
     }

@@ -1,9 +1,15 @@
 """The fusionrank ranker as one BentoML service.
 
-POST /rank        one request (query and/or user_id, optional candidates, k); adaptively batched: it awaits
-                  the batchable /rank_batch, which BentoML fills with the requests arriving together.
-POST /rank_batch  the batched model call itself (a list of requests in, a list of rankings out).
+POST /rank        one request (query and/or user_id, optional candidates, k); adaptively batched in the
+                  worker (`fusionrank.batching.RequestBatcher`): the requests that arrive while a batch runs
+                  form the next one. Batch sizes: the `fusionrank_rank_batch_size` histogram.
+POST /rank_batch  a list of requests in, a list of rankings out; BentoML's own adaptive batching merges
+                  the lists of concurrent callers.
 GET /healthz /readyz /livez /metrics come with BentoML.
+
+Worker processes: FUSIONRANK_WORKERS (default 1), read when this module is imported; each worker loads the
+model and runs torch on its share of the CPU cores (unless OMP_NUM_THREADS says otherwise), so workers and
+torch threads do not fight for them.
 
 The model is declared at class scope, so a Bento built from this file carries it. Which model: the `model`
 argument (`bentoml build|serve --arg model=fusionrank-ranker:<version>`; `fusionrank.packaging` pins the
@@ -14,13 +20,14 @@ when the service starts (`fusionrank.serving_logic.ServingSettings`).
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 import bentoml
 from pydantic import BaseModel
 
 from fusionrank.packaging import BUNDLE_DIR
-from fusionrank.serving_logic import RankRequest, RankResponse
+from fusionrank.serving_logic import RankRequest, RankResponse, serving_workers
 
 # Requests one batch may hold, and how long the batcher may hold a request. The batcher answers 503 to a
 # request it expects to wait longer than MAX_LATENCY_MS (see STACK-NOTES): at 10 s, one in 60 requests was
@@ -35,13 +42,12 @@ class ServiceArgs(BaseModel):
 
 
 ARGS = bentoml.use_arguments(ServiceArgs)
+WORKERS = serving_workers(os.environ)
 
 
-# The internal client that carries /rank's calls to /rank_batch is replaced every 100 requests by default,
-# dropping calls in flight under load: keep one for the life of the worker.
 @bentoml.service(
     name="fusionrank",
-    runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
+    workers=WORKERS,
     traffic={"timeout": REQUEST_TIMEOUT_S},
 )
 class FusionRanker:
@@ -50,13 +56,27 @@ class FusionRanker:
     bundle = bentoml.models.BentoModel(ARGS.model)
 
     def __init__(self) -> None:
-        from fusionrank.ranker import Ranker
-        from fusionrank.serving_logic import RankingLogic, ServingSettings, open_online_store
+        import torch
+        from prometheus_client import Histogram
 
+        from fusionrank.batching import RequestBatcher
+        from fusionrank.ranker import Ranker
+        from fusionrank.serving_logic import RankingLogic, ServingSettings, open_online_store, torch_threads
+
+        threads = torch_threads(WORKERS)
+        if threads is not None:
+            torch.set_num_threads(threads)
         settings = ServingSettings.from_env()
         ranker = Ranker.load(Path(self.bundle.path) / BUNDLE_DIR, int8=settings.int8)
         self.logic = RankingLogic(ranker, str(self.bundle.tag), open_online_store(ranker, settings), settings)
         self._limiter = None
+        # created here, in the worker, after BentoML has set up the multiprocess metrics directory
+        sizes = Histogram(
+            "fusionrank_rank_batch_size",
+            "Requests per model call of POST /rank (adaptive batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        )
+        self._batcher = RequestBatcher(self.logic.rank_batch, MAX_BATCH_SIZE, on_batch=sizes.observe)
         # The loaded model lives as long as the worker: frozen, its objects are left out of every later
         # collection, whose pause otherwise grows with them (one such pause stalls every request in flight).
         gc.collect()
@@ -71,8 +91,7 @@ class FusionRanker:
     async def rank(self, request: RankRequest, /) -> RankResponse:
         """Rank products for one request."""
         if self.logic.settings.adaptive_batching:
-            (response,) = await self.to_async.rank_batch([request])
-            return response
+            return await self._batcher.submit(request)
         import anyio
 
         # Without batching, one request at a time runs the model, as a plain synchronous endpoint would.
@@ -83,9 +102,9 @@ class FusionRanker:
 
 
 def _schema_once(spec: type) -> None:
-    """Compute an output spec's JSON schema once: BentoML rebuilds a list output's schema on every call, on
-    the server to name the media type and in its client to parse the answer, which cost /rank's call to
-    /rank_batch an eighth of a worker's CPU under load."""
+    """Compute an output spec's JSON schema once: BentoML rebuilds a list output's schema on every call (on
+    the server to name the media type, in its client to parse the answer), which cost a call to /rank_batch
+    an eighth of a worker's CPU under load."""
     schema = spec.model_json_schema()
     compute = spec.model_json_schema
 

@@ -613,9 +613,12 @@ def test_http_health_readiness_and_metrics(served: str) -> None:
     for path in ("/healthz", "/readyz", "/livez"):
         assert httpx.get(served + path, timeout=10).status_code == 200
     assert _post(served, {"query": "red drill"}).status_code == 200
+    assert _post(served, {"requests": [{"query": "saw"}]}, path="/rank_batch").status_code == 200
     metrics = httpx.get(served + "/metrics", timeout=10)
     assert metrics.status_code == 200
     assert "bentoml_service_request_total" in metrics.text
+    # /rank's batches (fusionrank.batching) and /rank_batch's (BentoML's dispatcher)
+    assert "fusionrank_rank_batch_size_count" in metrics.text
     assert "bentoml_service_adaptive_batch_size" in metrics.text
 
 
@@ -634,6 +637,30 @@ def test_http_ranks_with_the_features_of_the_store(served: str, packaged: dict[s
     batch = _post(served, {"requests": [{"query": "saw"}, {"user_id": "u1"}]}, path="/rank_batch")
     assert batch.status_code == 200
     assert len(batch.json()) == 2
+
+
+@pytest.mark.slow
+def test_http_concurrent_requests_get_the_answers_they_get_alone(served: str) -> None:
+    """Requests that arrive together are batched in the worker; each still gets its own ranking."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [
+        {"query": "red drill", "k": 5},
+        {"user_id": "u3", "k": 5},
+        {"query": "glue", "user_id": "u1", "k": 5},
+        {"query": "saw", "candidates": ["p8", "missing-1", "p18"]},
+    ] * 4
+    alone = [_post(served, body).json() for body in bodies[:4]]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda body: _post(served, body), bodies))
+    assert [r.status_code for r in together] == [200] * len(bodies)
+    for i, response in enumerate(together):
+        got, expected = response.json(), alone[i % 4]
+        assert [r["product_id"] for r in got["results"]] == [r["product_id"] for r in expected["results"]]
+        np.testing.assert_allclose(
+            [r["score"] for r in got["results"]], [r["score"] for r in expected["results"]], atol=1e-5
+        )
+        assert got["unknown_candidates"] == expected["unknown_candidates"]
 
 
 @pytest.mark.slow
@@ -717,6 +744,23 @@ def test_http_the_store_down_gives_degraded_answers(
         assert answer["degraded"]
         assert len(answer["results"]) == 4
         assert any("Redis online store" in reason for reason in answer["degraded_reasons"])
+
+
+@pytest.mark.slow
+def test_http_two_workers_answer_as_one_does(served: str, packaged, bentoml_home, tmp_path_factory) -> None:
+    """FUSIONRANK_WORKERS=2: two worker processes, each with its own model and torch threads, same answers."""
+    bodies = [{"query": "red drill", "user_id": "u3", "k": 4}, {"user_id": "u1", "k": 4}, {"query": "glue"}]
+    env = {"BENTOML_HOME": str(bentoml_home), "FUSIONRANK_WORKERS": "2"}
+    log = tmp_path_factory.mktemp("serve-workers") / "serve.log"
+    for url in _serve(packaged["bento"], env, log):
+        for body in bodies:
+            one, two = _post(served, body).json(), _post(url, body).json()
+            assert [r["product_id"] for r in two["results"]] == [r["product_id"] for r in one["results"]]
+            np.testing.assert_allclose(
+                [r["score"] for r in two["results"]], [r["score"] for r in one["results"]], atol=1e-5
+            )
+    # both worker processes started (each one logs its own service start-up)
+    assert log.read_text().count("Service fusionrank initialized") == 2
 
 
 def test_a_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:

@@ -447,6 +447,53 @@ def _distinct_qid_groups(prepared: Sequence[_Prepared]) -> list[list[int]]:
     return groups
 
 
+def serving_workers(environ: Mapping[str, str] | None = None) -> int:
+    """How many worker processes serve the ranker: FUSIONRANK_WORKERS, default 1, at most the CPU count.
+
+    One Python process runs one request's Python at a time; a second worker uses a second core for it.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get("FUSIONRANK_WORKERS", "").strip()
+    if not raw:
+        return 1
+    try:
+        workers = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"FUSIONRANK_WORKERS must be a whole number, got {raw!r}") from exc
+    cores = _cpu_count()
+    if not 1 <= workers <= cores:
+        raise ConfigError(
+            f"FUSIONRANK_WORKERS must be between 1 and the {cores} CPU cores here, got {workers}"
+        )
+    return workers
+
+
+def torch_threads(workers: int, environ: Mapping[str, str] | None = None) -> int | None:
+    """Torch threads per worker: the cores shared out, so that workers' thread pools do not oversubscribe
+    them (with more threads than cores, torch's spinning threads slow every worker down). None when
+    OMP_NUM_THREADS is set: torch takes that, as the deployment asked."""
+    env = os.environ if environ is None else environ
+    if env.get("OMP_NUM_THREADS", "").strip():
+        return None
+    return max(1, _cpu_count() // max(1, workers))
+
+
+def _cpu_count(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's limit,
+    which the affinity does not show: a pod limited to 2 CPUs on a 32-core node sees 32)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 def resolve_rerank_k(ranker: Ranker, settings: ServingSettings) -> int | None:
     """The cross-encoder's per-request budget: the setting, else the bundle's serving config for the
     device the cross-encoder runs on (`rerank_k_cpu` / `rerank_k_gpu`), else every candidate (None)."""

@@ -1,0 +1,132 @@
+"""The serving process's adaptive batcher, and the worker settings of the served ranker."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from fusionrank.batching import RequestBatcher
+from fusionrank.errors import ConfigError
+from fusionrank.serving_logic import serving_workers, torch_threads
+
+
+class SlowModel:
+    """Doubles numbers, one batch at a time; the first batch waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = threading.Event()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        if len(self.batches) == 1:
+            assert self.release.wait(10)
+        if any(item < 0 for item in items):
+            raise ValueError(f"negative input in {items}")
+        return [2 * item for item in items]
+
+
+async def _queued(batcher: RequestBatcher, items: list[int]) -> list[asyncio.Task]:
+    tasks = [asyncio.ensure_future(batcher.submit(item)) for item in items]
+    await asyncio.sleep(0.05)  # every submit has queued (the first batch is still held)
+    return tasks
+
+
+def test_requests_arriving_while_a_batch_runs_form_the_next_batch() -> None:
+    model = SlowModel()
+
+    async def scenario() -> list[int]:
+        batcher = RequestBatcher(model, max_batch_size=32)
+        first = await _queued(batcher, [1])
+        rest = await _queued(batcher, [2, 3, 4])
+        model.release.set()
+        return await asyncio.gather(*first, *rest)
+
+    assert asyncio.run(scenario()) == [2, 4, 6, 8]
+    assert model.batches == [[1], [2, 3, 4]]
+
+
+def test_a_batch_holds_at_most_max_batch_size_requests() -> None:
+    model = SlowModel()
+    sizes: list[int] = []
+
+    async def scenario() -> list[int]:
+        batcher = RequestBatcher(model, max_batch_size=2, on_batch=sizes.append)
+        first = await _queued(batcher, [0])
+        rest = await _queued(batcher, [1, 2, 3, 4])
+        model.release.set()
+        return await asyncio.gather(*first, *rest)
+
+    assert asyncio.run(scenario()) == [0, 2, 4, 6, 8]
+    assert model.batches == [[0], [1, 2], [3, 4]]
+    assert sizes == [1, 2, 2]
+
+
+def test_a_failing_request_fails_alone() -> None:
+    model = SlowModel()
+
+    async def scenario() -> list[object]:
+        batcher = RequestBatcher(model, max_batch_size=8)
+        first = await _queued(batcher, [1])
+        rest = await _queued(batcher, [2, -1, 3])
+        model.release.set()
+        return await asyncio.gather(*first, *rest, return_exceptions=True)
+
+    one, two, bad, three = asyncio.run(scenario())
+    assert (one, two, three) == (2, 4, 6)
+    assert isinstance(bad, ValueError)
+    assert "negative input in [-1]" in str(bad)
+    # the failed batch was run again one request at a time
+    assert model.batches == [[1], [2, -1, 3], [2], [-1], [3]]
+
+
+def test_a_request_whose_caller_has_gone_is_not_computed() -> None:
+    model = SlowModel()
+
+    async def scenario() -> list[int]:
+        batcher = RequestBatcher(model, max_batch_size=8)
+        first = await _queued(batcher, [1])
+        gone, kept = await _queued(batcher, [5, 6])
+        gone.cancel()
+        model.release.set()
+        return await asyncio.gather(*first, kept)
+
+    assert asyncio.run(scenario()) == [2, 12]
+    assert model.batches == [[1], [6]]
+
+
+def test_a_wrong_number_of_results_fails_the_batch_with_a_clear_error() -> None:
+    async def scenario() -> None:
+        batcher = RequestBatcher(lambda items: items[:-1], max_batch_size=4)
+        await batcher.submit(1)
+
+    with pytest.raises(RuntimeError, match="a batch of 1 requests gave 0 results"):
+        asyncio.run(scenario())
+    with pytest.raises(ValueError, match="at least 1"):
+        RequestBatcher(lambda items: items, max_batch_size=0)
+
+
+def test_worker_settings(monkeypatch) -> None:
+    monkeypatch.setattr("fusionrank.serving_logic._cpu_count", lambda: 2)
+    assert serving_workers({}) == 1
+    assert serving_workers({"FUSIONRANK_WORKERS": "2"}) == 2
+    for bad, message in (("two", "whole number"), ("0", "between 1 and the 2"), ("3", "got 3")):
+        with pytest.raises(ConfigError, match=message):
+            serving_workers({"FUSIONRANK_WORKERS": bad})
+    assert (torch_threads(1, {}), torch_threads(2, {})) == (2, 1)
+    assert torch_threads(2, {"OMP_NUM_THREADS": "2"}) is None
+
+
+def test_the_cpu_count_honours_a_container_quota(tmp_path) -> None:
+    from fusionrank.serving_logic import _cpu_count
+
+    unlimited = _cpu_count(tmp_path / "absent")
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")
+    assert _cpu_count(quota) == unlimited
+    quota.write_text("100000 100000\n")  # one CPU
+    assert _cpu_count(quota) == 1
+    quota.write_text("50000 100000\n")  # half a CPU still runs one worker
+    assert _cpu_count(quota) == 1
