@@ -622,7 +622,7 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "requests_per_phase": args.requests,
         "warmup_requests": args.warmup,
-        "torch_threads": args.torch_threads or "cores / workers",
+        "torch_threads": args.torch_threads or "1 per worker (server default)",
         "workers": args.workers,
         "context_cache": args.context_cache,
         "retrieve_k": retrieve_k,

@@ -249,7 +249,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--torch-threads",
         type=int,
         default=0,
-        help="OMP_NUM_THREADS of the server; 0: the server's own choice, the CPU cores shared among workers",
+        help="OMP_NUM_THREADS of the server; 0: the server's own choice (one torch thread per worker)",
     )
     parser.add_argument("--workers", type=int, default=1, help="FUSIONRANK_WORKERS of the server")
 
@@ -318,7 +318,7 @@ def main() -> None:
         "cascade_k": args.cascade_k if manifest["selected_fusion"] == "cascade" else None,
         "candidates_per_request": len(requests[0]["candidates"]),
         "concurrency": args.concurrency,
-        "torch_threads": args.torch_threads or "cores / workers",
+        "torch_threads": args.torch_threads or "1 per worker (server default)",
         "workers": args.workers,
         "cpus": os.cpu_count(),
         "load_average": round(os.getloadavg()[0], 1),

@@ -8,8 +8,7 @@ POST /rank_batch  a list of requests in, a list of rankings out; BentoML's own a
 GET /healthz /readyz /livez /metrics come with BentoML.
 
 Worker processes: FUSIONRANK_WORKERS (default 1), read when this module is imported; each worker loads the
-model and runs torch on its share of the CPU cores (unless OMP_NUM_THREADS says otherwise), so workers and
-torch threads do not fight for them.
+model and runs torch with one thread (unless OMP_NUM_THREADS says otherwise: see `torch_threads`).
 
 The model is declared at class scope, so a Bento built from this file carries it. Which model: the `model`
 argument (`bentoml build|serve --arg model=fusionrank-ranker:<version>`; `fusionrank.packaging` pins the
@@ -20,6 +19,7 @@ when the service starts (`fusionrank.serving_logic.ServingSettings`).
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from pathlib import Path
 
@@ -63,7 +63,7 @@ class FusionRanker:
         from fusionrank.ranker import Ranker
         from fusionrank.serving_logic import RankingLogic, ServingSettings, open_online_store, torch_threads
 
-        threads = torch_threads(WORKERS)
+        threads = torch_threads()
         if threads is not None:
             torch.set_num_threads(threads)
         settings = ServingSettings.from_env()
@@ -77,6 +77,10 @@ class FusionRanker:
             buckets=(1, 2, 4, 8, 16, 32, 64),
         )
         self._batcher = RequestBatcher(self.logic.rank_batch, MAX_BATCH_SIZE, on_batch=sizes.observe)
+        # before BentoML reports the worker ready: its first callers must not wait for the store to open
+        failed = self.logic.warm_up()
+        if failed:
+            logging.getLogger(__name__).warning("the warm-up request failed (serving anyway): %s", failed)
         # The loaded model lives as long as the worker: frozen, its objects are left out of every later
         # collection, whose pause otherwise grows with them (one such pause stalls every request in flight).
         gc.collect()

@@ -208,6 +208,17 @@ def test_a_new_regression_head_starts_at_the_mean_label(
     assert head.bias.item() == pytest.approx(train["label"].mean(), abs=1e-4)
 
 
+def test_scoring_runs_in_eval_mode_and_gives_the_model_back_in_its_mode(trained: tuple[dict, Path]) -> None:
+    _, output = trained
+    model = bert.CrossEncoder.load(output, device="cpu")
+    assert not model.model.training
+    evaluated = model.score(["drill", "saw"], ["DEWALT 20V drill", "tile saw"])
+    model.model.train()  # as the training loop leaves it: dropout on
+    assert all(m.training for m in model.model.modules())
+    np.testing.assert_allclose(model.score(["drill", "saw"], ["DEWALT 20V drill", "tile saw"]), evaluated)
+    assert all(m.training for m in model.model.modules())
+
+
 def test_scoring_keeps_input_order_and_matches_a_plain_forward_pass(trained: tuple[dict, Path]) -> None:
     torch = pytest.importorskip("torch")
     _, output = trained

@@ -408,6 +408,14 @@ def test_a_cascade_runs_bert_on_its_shortlist_only(ranker, store: DictStore) -> 
     np.testing.assert_allclose(cascade.score(frame)["score"], cascade.score(full)["score"], rtol=1e-4)
 
 
+def test_the_warm_up_reads_the_store_and_never_stops_the_server(ranker, store: DictStore, monkeypatch):
+    logic = RankingLogic(ranker, "m:1", store)
+    assert logic.warm_up() is None
+    assert store.calls >= 1  # the store was opened and read before any caller came
+    monkeypatch.setattr(logic, "rank_batch", lambda requests: 1 / 0)
+    assert logic.warm_up() == "ZeroDivisionError: division by zero"
+
+
 def test_a_batch_scores_each_request_as_if_alone(ranker, store: DictStore) -> None:
     logic = RankingLogic(ranker, MODEL_TAG, store)
     requests = [

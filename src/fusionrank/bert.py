@@ -17,7 +17,7 @@ import json
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -492,18 +492,27 @@ class CrossEncoder:
             if self.autocast_dtype
             else nullcontext()
         )
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode(), autocast:
-                scores = torch.empty(len(pairs), dtype=torch.float32, device=self.device)
-                for start, stop, index, width in _longest_first(pairs, batch_size):
-                    inputs, _ = _model_inputs(pairs, index, width, self.model)
-                    scores[start:stop] = self._forward(**inputs).logits[:, 0].float()
-                sorted_scores = scores.cpu().numpy()
-        finally:
-            self.model.train(was_training)
+        with evaluating(self.model), torch.inference_mode(), autocast:
+            scores = torch.empty(len(pairs), dtype=torch.float32, device=self.device)
+            for start, stop, index, width in _longest_first(pairs, batch_size):
+                inputs, _ = _model_inputs(pairs, index, width, self.model)
+                scores[start:stop] = self._forward(**inputs).logits[:, 0].float()
+            sorted_scores = scores.cpu().numpy()
         return _restore_order(pairs, sorted_scores)
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside the block, in its former mode after it. A model already in eval mode is
+    left alone: switching walks every module, and twice per call that cost a served request about 2 ms."""
+    if not model.training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
 
 
 def int8_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -41,6 +41,7 @@ from fusionrank.bert import (
     _restore_order,
     check_pairs,
     encode_pairs,
+    evaluating,
     int8_copy,
     ndcg_at_k,
     resolve_device,
@@ -177,15 +178,10 @@ class BiEncoder:
             if self.autocast_dtype
             else nullcontext()
         )
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode(), autocast:
-                for start, stop, index, width in _longest_first(encoded, batch_size):
-                    vectors[start:stop] = self._pooled(encoded, index, width)
+        with evaluating(self.model), torch.inference_mode(), autocast:
+            for start, stop, index, width in _longest_first(encoded, batch_size):
+                vectors[start:stop] = self._pooled(encoded, index, width)
             sorted_vectors = vectors.cpu().numpy()
-        finally:
-            self.model.train(was_training)
         return _restore_order(encoded, sorted_vectors)
 
     def _pooled(self, encoded: Any, index: torch.Tensor, width: int) -> torch.Tensor:
