@@ -317,3 +317,26 @@ def test_a_rerank_budget_reorders_only_the_first_stage_top_k(frame: pd.DataFrame
     # without the cross-encoder column in the model, the budget does nothing
     plain = fit_weighted(frame, ["s_noise", "s_a"])
     pd.testing.assert_frame_equal(score_with_rerank(plain, frame, 3), score_candidates(plain, frame))
+
+
+def test_head_rmse_is_kaggles_metric_on_the_judged_pairs_the_head_scored() -> None:
+    from fusionrank.report import head_rmse
+
+    test = pd.DataFrame(
+        {
+            "qid": ["q1", "q1", "q1", "q2", "q2"],
+            "product_id": ["a", "b", "c", "a", "d"],
+            "gain": [2.0, 0.0, 0.0, 1.0, 0.0],
+            # a: exact (gain 2 -> relevance 3); b: 0.5 off; c: unjudged; q2/a: 5.0 clipped to 3; d: no score
+            "s_bert": [2.0, 0.5, 1.0, 5.0, np.nan],
+        }
+    )
+    qrels = pd.DataFrame(
+        {"qid": ["q1", "q1", "q2", "q2"], "product_id": ["a", "b", "a", "d"], "gain": [2.0, 0.0, 1.0, 0.0]}
+    )
+    valid_qrels = pd.DataFrame({"qid": ["v"], "product_id": ["x"], "gain": [1.0]})  # mean relevance 2
+    head, constant = head_rmse(test, qrels, valid_qrels).values()
+    # judged and scored: (3 vs 3), (1.5 vs 1), (3 vs 2); c is unjudged and d has no score
+    assert head == pytest.approx(np.sqrt((0.0 + 0.25 + 1.0) / 3))
+    assert constant == pytest.approx(np.sqrt((1.0 + 1.0 + 0.0) / 3))
+    assert head_rmse(test.assign(s_bert=np.nan), qrels, valid_qrels) == {}

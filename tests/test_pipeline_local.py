@@ -67,6 +67,13 @@ def test_approved_run_packages_and_registers_a_champion(approved: LocalRun, home
     report = approved.artifact("evaluate", "report")
     assert {p.name for p in report.iterdir()} >= {"report.md", "report.json", "ndcg10.png"}
     assert "Kaggle" in (report / "report.md").read_text()  # the published figures of the source
+    # Kaggle's metric beside it: the regression head's RMSE on the judged test pairs, and a constant's
+    rmse = json.loads((report / "report.json").read_text())["datasets"]["homedepot"]["rmse"]
+    assert [name.split(",")[0] for name in rmse] == [
+        "cross-encoder regression head",
+        "validation-mean relevance",
+    ]
+    assert all(0.0 < value < 2.0 for value in rmse.values())
     frames = approved.artifact("finetune-biencoder", "dense_frames")
     test = pd.read_parquet(frames / "test.parquet")
     before = pd.read_parquet(approved.artifact("finetune-bert", "scored_frames") / "test.parquet")

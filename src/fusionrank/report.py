@@ -23,6 +23,7 @@ from fusionrank.champion import frame_run
 from fusionrank.context import Context, RankingExample
 from fusionrank.errors import ConfigError, DataError
 from fusionrank.evaluation import ALL, EvaluationReport, evaluate_runs
+from fusionrank.evaluation import rmse as rmse_of
 from fusionrank.fusion import (
     SIGNAL_PREFIX,
     FusionModel,
@@ -236,6 +237,34 @@ def dataset_report(
     return report
 
 
+HEAD_SIGNAL = "s_bert"
+
+
+def head_rmse(test: pd.DataFrame, qrels: pd.DataFrame, valid_qrels: pd.DataFrame) -> dict[str, float]:
+    """Kaggle's Home Depot metric on our split: RMSE on the 1-3 relevance scale over the test split's judged
+    (query, product) pairs that are among the candidates (the cross-encoder scores only those).
+
+    The cross-encoder trains by regression on gains (relevance - 1), so its score + 1, clipped to 1-3, is its
+    relevance prediction. Beside it, the same pairs predicted by the mean judged relevance of the validation
+    split, the constant a model must beat. Empty when no judged pair has a score.
+    """
+    from fusionrank.steps import SEARCH_GAIN_OFFSET  # gains are relevance - this
+
+    judged = qrels.assign(qid=qrels["qid"].astype(str), product_id=qrels["product_id"].astype(str))
+    scored = test.assign(qid=test["qid"].astype(str), product_id=test["product_id"].astype(str))
+    pairs = scored.merge(judged, on=["qid", "product_id"], suffixes=("", "_judged"))
+    pairs = pairs[pairs[HEAD_SIGNAL].notna()]
+    if pairs.empty or valid_qrels.empty:
+        return {}
+    truth = pairs["gain_judged"].to_numpy(dtype=float) + SEARCH_GAIN_OFFSET
+    predicted = np.clip(pairs[HEAD_SIGNAL].to_numpy(dtype=float) + SEARCH_GAIN_OFFSET, 1.0, 3.0)
+    mean = float(valid_qrels["gain"].mean()) + SEARCH_GAIN_OFFSET
+    return {
+        f"cross-encoder regression head, {len(pairs)} judged test pairs": rmse_of(predicted, truth),
+        "validation-mean relevance, same pairs": rmse_of(np.full_like(truth, mean), truth),
+    }
+
+
 def report_from_run(
     dataset: str,
     scored_dir: str | Path,
@@ -252,6 +281,10 @@ def report_from_run(
     scored_dir, fusion_dir = Path(scored_dir), Path(fusion_dir)
     test, contexts, qrels = read_split_frames(scored_dir, "test")
     valid = pd.read_parquet(scored_dir / "valid.parquet")
+    info = scored_dir / "frames.json"
+    search = info.is_file() and json.loads(info.read_text()).get("mode") == "search"
+    if rmse is None and search and HEAD_SIGNAL in test.columns:
+        rmse = head_rmse(test, qrels, read_split_frames(scored_dir, "valid")[2])
     info_path = fusion_dir / "fusion.json"
     if not info_path.is_file():
         raise DataError(f"{fusion_dir}: no fusion.json listing the fitted fusions")
