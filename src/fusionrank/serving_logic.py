@@ -490,8 +490,8 @@ def torch_threads(environ: Mapping[str, str] | None = None) -> int | None:
 
     A served request's forward passes are small (one short context, a few re-ranked pairs), and a worker's
     other threads need the cores too: its event loop parses HTTP while the model runs. With two torch threads
-    on this 2-core CPU, torch's waiting threads spun on the core the rest of the request needed, and a Home
-    Depot request's preparation (retrieval, lookups, context encoding) took 19-29 ms against 10 ms with one.
+    on this 2-core CPU a Home Depot request's preparation (retrieval, lookups, context encoding) took 19-29 ms
+    against 10 ms with one, most likely because torch's idle threads spin on the core the rest needs.
     """
     env = os.environ if environ is None else environ
     if env.get("OMP_NUM_THREADS", "").strip():
