@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 from pathlib import Path
 
 import bentoml
@@ -42,6 +43,9 @@ class ServiceArgs(BaseModel):
 
 
 ARGS = bentoml.use_arguments(ServiceArgs)
+# under BentoML's logger, whose INFO lines `bentoml serve` prints with the worker's name (a module logger's
+# INFO lines it drops)
+LOG = logging.getLogger("bentoml.fusionrank")
 WORKERS = serving_workers(os.environ)
 
 
@@ -78,9 +82,12 @@ class FusionRanker:
         )
         self._batcher = RequestBatcher(self.logic.rank_batch, MAX_BATCH_SIZE, on_batch=sizes.observe)
         # before BentoML reports the worker ready: its first callers must not wait for the store to open
+        started = time.perf_counter()
         failed = self.logic.warm_up()
         if failed:
-            logging.getLogger(__name__).warning("the warm-up request failed (serving anyway): %s", failed)
+            LOG.warning("the warm-up request failed (serving anyway): %s", failed)
+        else:
+            LOG.info("warm-up request ranked in %.2f s", time.perf_counter() - started)
         # The loaded model lives as long as the worker: frozen, its objects are left out of every later
         # collection, whose pause otherwise grows with them (one such pause stalls every request in flight).
         gc.collect()

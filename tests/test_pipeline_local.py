@@ -74,6 +74,8 @@ def test_approved_run_packages_and_registers_a_champion(approved: LocalRun, home
         "validation-mean relevance",
     ]
     assert all(0.0 < value < 2.0 for value in rmse.values())
+    # listed once, beside Kaggle's figures
+    assert (report / "report.md").read_text().count("cross-encoder regression head") == 1
     frames = approved.artifact("finetune-biencoder", "dense_frames")
     test = pd.read_parquet(frames / "test.parquet")
     before = pd.read_parquet(approved.artifact("finetune-bert", "scored_frames") / "test.parquet")

@@ -773,8 +773,9 @@ def test_http_two_workers_answer_as_one_does(served: str, packaged, bentoml_home
             np.testing.assert_allclose(
                 [r["score"] for r in two["results"]], [r["score"] for r in one["results"]], atol=1e-5
             )
-    # both worker processes started (each one logs its own service start-up)
+    # both worker processes started (each one logs its own service start-up), each after its warm-up request
     assert log.read_text().count("Service fusionrank initialized") == 2
+    assert log.read_text().count("warm-up request ranked in") == 2
 
 
 def test_a_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:

@@ -108,7 +108,8 @@ class DatasetReport:
         lines.append("")
         lines.append(ev.to_markdown(title="Every signal and fusion, per slice").rstrip())
         lines += ["", *self._significance_table(), *self._published_section()]
-        if self.rmse:
+        published = self.published
+        if self.rmse and (published is None or published["metric"] != "rmse"):  # else listed beside them
             lines += ["", "### Regression head (RMSE, lower is better)", "", "| model | RMSE |", "|---|---:|"]
             lines += [f"| {name} (ours) | {value:.4f} |" for name, value in self.rmse.items()]
         if self.cascade_sweep:
@@ -280,11 +281,11 @@ def report_from_run(
 
     scored_dir, fusion_dir = Path(scored_dir), Path(fusion_dir)
     test, contexts, qrels = read_split_frames(scored_dir, "test")
-    valid = pd.read_parquet(scored_dir / "valid.parquet")
+    valid, _, valid_qrels = read_split_frames(scored_dir, "valid")
     info = scored_dir / "frames.json"
     search = info.is_file() and json.loads(info.read_text()).get("mode") == "search"
     if rmse is None and search and HEAD_SIGNAL in test.columns:
-        rmse = head_rmse(test, qrels, read_split_frames(scored_dir, "valid")[2])
+        rmse = head_rmse(test, qrels, valid_qrels)
     info_path = fusion_dir / "fusion.json"
     if not info_path.is_file():
         raise DataError(f"{fusion_dir}: no fusion.json listing the fitted fusions")
