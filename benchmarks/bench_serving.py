@@ -230,6 +230,52 @@ async def load(url: str, requests: list[dict], count: int, concurrency: int, max
     }
 
 
+WRK_SCRIPT = """
+local bodies = {%s}
+local sent = 0
+request = function()
+  sent = sent + 1
+  return wrk.format("POST", "/rank", {["Content-Type"] = "application/json"}, bodies[(sent %% #bodies) + 1])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("FUSIONRANK %%d %%d %%d %%d %%f %%f\\n", summary.requests,
+    e.connect + e.read + e.write + e.timeout, e.status, summary.duration,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def wrk_load(url: str, requests: list[dict], concurrency: int, seconds: float, work: Path) -> dict:
+    """The same closed-loop load from wrk (C, one thread, `concurrency` connections) for `seconds`: a load
+    generator that leaves the server's second core to the server (the Python client takes most of one).
+    Each connection sends the next request as soon as its answer arrives; wrk counts the time per answer."""
+    import shutil
+
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("--client wrk needs wrk on the PATH (Debian: apt-get install wrk)")
+    bodies = ",".join(f"[==[{json.dumps(body)}]==]" for body in requests)
+    script = work / "rank.lua"
+    script.write_text(WRK_SCRIPT % bodies)
+    command = [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "60s"]
+    done = subprocess.run([*command, "-s", str(script), url], capture_output=True, text=True, check=True)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("FUSIONRANK "))
+    sent, failed, status, micros, p50, p99 = line.split()[1:]
+    elapsed = int(micros) / 1e6
+    errors = int(failed) + int(status)
+    return {
+        "requests": int(sent),
+        "ok": int(sent) - errors,
+        "errors": errors,
+        "first_errors": [f"{status} non-2xx answers, {failed} socket errors"] if errors else [],
+        "seconds": round(elapsed, 1),
+        "throughput_rps": round((int(sent) - errors) / elapsed, 1),
+        "p50_ms": round(float(p50) / 1000, 1),
+        "p99_ms": round(float(p99) / 1000, 1),
+    }
+
+
 def mean_batch_size(url: str) -> float | None:
     """Requests per model call of /rank, from the server's batch size histogram (warm-up included)."""
     import httpx
@@ -265,6 +311,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="measured requests per phase")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--max-seconds", type=float, default=90.0, help="time limit of each phase")
+    parser.add_argument(
+        "--client",
+        choices=["python", "wrk"],
+        default="python",
+        help="load generator: python (httpx, bounded by --requests and --max-seconds) or wrk (runs for "
+        "--max-seconds; needs wrk)",
+    )
     add_server_arguments(parser)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -305,7 +358,12 @@ def main() -> None:
             )
             try:
                 asyncio.run(load(url, requests, args.warmup, args.concurrency, args.max_seconds))
-                figures = asyncio.run(load(url, requests, args.requests, args.concurrency, args.max_seconds))
+                if args.client == "wrk":
+                    figures = wrk_load(url, requests, args.concurrency, args.max_seconds, work)
+                else:
+                    figures = asyncio.run(
+                        load(url, requests, args.requests, args.concurrency, args.max_seconds)
+                    )
                 figures["mean_batch_size"] = mean_batch_size(url) if batching == "on" else 1.0
             finally:
                 stop_server(process)
@@ -320,6 +378,7 @@ def main() -> None:
         "concurrency": args.concurrency,
         "torch_threads": args.torch_threads or "1 per worker (server default)",
         "workers": args.workers,
+        "client": args.client,
         "cpus": os.cpu_count(),
         "load_average": round(os.getloadavg()[0], 1),
     }

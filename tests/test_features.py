@@ -22,6 +22,7 @@ from fusionrank.features import (
     STATIC_SNAPSHOT_TIME,
     FeatureStoreInfo,
     OnlineFeatures,
+    ProductCache,
     materialize_features,
     product_feature_frame,
     training_frame,
@@ -344,6 +345,50 @@ def test_lookup_matches_feast_online_api_and_latest_state(
     pd.testing.assert_frame_equal(
         table[PRODUCT_FEATURES], feast_products[PRODUCT_FEATURES].astype(table[PRODUCT_FEATURES].dtypes)
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ["local", "cluster"])
+def test_cached_product_rows_answer_as_the_store_does(
+    games: Tables, games_stores: dict[str, FeatureStoreInfo], env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the product cache, a second lookup reads only the user and the products not seen before, and
+    answers exactly what an uncached lookup answers (repeated and unknown ids included)."""
+    plain = OnlineFeatures.from_info(games_stores[env])
+    cached = OnlineFeatures.from_info(games_stores[env], product_cache_seconds=60)
+    user_id = games.interactions["user_id"].iloc[0]
+    popular = games.interactions["product_id"].value_counts().index[:40].tolist()
+    first = [*popular[:30], "no-such-product"]
+    second = [popular[35], *popular[:20], "no-such-product", popular[35], popular[0]]
+    cached.lookup(None, first)
+    reads: list[list[str]] = []
+    reader = cached._reader.read
+    monkeypatch.setattr(
+        cached._reader,
+        "read",
+        lambda requests: reads.append([list(r[2]) for r in requests]) or reader(requests),
+    )
+    for user in (user_id, None):
+        assert cached.lookup(user, second)[0] == plain.lookup(user, second)[0]
+        pd.testing.assert_frame_equal(cached.lookup(user, second)[1], plain.lookup(user, second)[1])
+    # the first lookup read popular[35]; later ones read the user only, and an anonymous one nothing
+    assert reads[0] == [[user_id], [popular[35]]]
+    assert reads[1:] == [[[user_id], []]]
+    assert cached.product_cache.hits > 0
+
+
+def test_the_product_cache_expires_rows_and_keeps_the_most_recent() -> None:
+    now = [0.0]
+    cache = ProductCache(10.0, max_products=2, clock=lambda: now[0])
+    cache.put(["a", "b"], [(1,), (2,)])
+    assert cache.get(["a", "b", "c"]) == ({"a": (1,), "b": (2,)}, ["c"])
+    now[0] = 10.5  # older than 10 s: read again
+    assert cache.get(["a"]) == ({}, ["a"])
+    cache.put(["a"], [(3,)])
+    cache.put(["c"], [(4,)])  # a third row: the least recently written ("b") leaves
+    assert cache.get(["a", "b", "c"]) == ({"a": (3,), "c": (4,)}, ["b"])
+    with pytest.raises(ConfigError):
+        ProductCache(0)
 
 
 @pytest.mark.slow

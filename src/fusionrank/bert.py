@@ -374,9 +374,7 @@ def _model_inputs(
     model's attention (boolean for SDPA, additive otherwise): given the usual 2-D mask, transformers first
     asks the device whether it holds any padding, which stalls the host on every batch.
     """
-    input_ids = pairs.input_ids[:, :width][index].long()
-    token_type_ids = pairs.token_type_ids[:, :width][index].long()
-    keep = torch.arange(width, device=input_ids.device) < pairs.length_tensor[index, None]
+    input_ids, token_type_ids, keep = _batch_tokens(pairs, index, width)
     if model.config._attn_implementation == "sdpa":
         mask = keep
     else:
@@ -384,6 +382,16 @@ def _model_inputs(
         mask.masked_fill_(~keep, torch.finfo(model.dtype).min)
     attention_mask = mask[:, None, None, :].expand(-1, 1, width, width)
     return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}, keep
+
+
+def _batch_tokens(
+    pairs: EncodedPairs, index: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, token types and the [B, width] boolean token mask of the pairs at `index`."""
+    input_ids = pairs.input_ids[:, :width][index].long()
+    token_type_ids = pairs.token_type_ids[:, :width][index].long()
+    keep = torch.arange(width, device=input_ids.device) < pairs.length_tensor[index, None]
+    return input_ids, token_type_ids, keep
 
 
 def _longest_first(pairs: EncodedPairs, batch_size: int) -> Iterator[tuple[int, int, torch.Tensor, int]]:
@@ -431,9 +439,14 @@ class CrossEncoder:
         self.max_length = max_length
         self.autocast_dtype = autocast_dtype
         self.device = next(model.parameters()).device
-        self.quantized = False
+        # int8 inference: an ONNX Runtime session (`fusionrank.onnx_inference`) that scores in its place
+        self.onnx: Any = None
         # dynamic=True: batch widths vary with the pairs, and one graph must serve them all.
         self._forward = torch.compile(model, dynamic=True) if compile else model
+
+    @property
+    def quantized(self) -> bool:
+        return self.onnx is not None
 
     @classmethod
     def load(
@@ -463,9 +476,13 @@ class CrossEncoder:
         return cls(model, tokenizer, max_length=max_length, compile=compile)
 
     def int8(self) -> CrossEncoder:
-        """A copy with int8 dynamic quantization of every linear layer (CPU inference only)."""
-        encoder = CrossEncoder(int8_copy(self.model), self.tokenizer, self.max_length)
-        encoder.quantized = True
+        """A copy that scores with int8 weights on ONNX Runtime (CPU inference only; see
+        `fusionrank.onnx_inference`). Activations are quantized per call, so a score depends slightly on
+        the pairs it is batched with: callers that need reproducible answers score one request per call."""
+        from fusionrank.onnx_inference import OnnxInt8Model
+
+        encoder = CrossEncoder(self.model, self.tokenizer, self.max_length)
+        encoder.onnx = OnnxInt8Model.from_torch(self.model, "logit")
         return encoder
 
     def encode(self, contexts: Sequence[str], texts: Sequence[str]) -> EncodedPairs:
@@ -486,6 +503,11 @@ class CrossEncoder:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if len(pairs) == 0:
             return np.zeros(0, dtype=np.float32)
+        if self.onnx is not None:
+            sorted_scores = np.empty(len(pairs), dtype=np.float32)
+            for start, stop, index, width in _longest_first(pairs, batch_size):
+                sorted_scores[start:stop] = self.onnx.run(*_batch_tokens(pairs, index, width))
+            return _restore_order(pairs, sorted_scores)
         pairs = pairs.to(self.device)
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -514,27 +536,6 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train()
-
-
-def int8_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a CPU model with int8 dynamic quantization of its linear layers, in eval mode.
-
-    Activations are quantized with a scale computed per batch, so a score depends slightly on what it is
-    batched with: callers that need reproducible answers run one request per pass.
-    """
-    import copy
-    import warnings
-
-    if next(model.parameters()).device.type != "cpu":
-        raise ConfigError("int8 dynamic quantization runs on a CPU only")
-    with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao, which is not in this stack; the eager
-        # dynamic quantization it still ships is what this CPU path measures (STACK-NOTES).
-        warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(model).float(), {torch.nn.Linear}, dtype=torch.qint8
-        )
-    return quantized.eval()
 
 
 def pretrained_similarity(

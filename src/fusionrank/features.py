@@ -30,7 +30,10 @@ import io
 import os
 import re
 import shutil
-from collections.abc import Sequence
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -590,7 +593,10 @@ class OnlineFeatures:
         repo_path: str | Path,
         feature_service: str = DEFAULT_FEATURE_SERVICE,
         yaml_path: str | Path | None = None,
+        product_cache_seconds: float = 0.0,
     ) -> None:
+        """`product_cache_seconds` > 0 keeps each product's row that long in this process (`ProductCache`):
+        product features change when the features step materializes, not between requests."""
         from feast.infra.provider import get_provider
 
         repo = Path(repo_path)
@@ -617,6 +623,7 @@ class OnlineFeatures:
         self.user_features = tuple(views.get(USER_VIEW, ([], []))[1])
         self._views = {name: self.store.get_feature_view(name) for name in views}
         self._provider = get_provider(self.store.config)
+        self.product_cache = ProductCache(product_cache_seconds) if product_cache_seconds > 0 else None
         self._reader: _RedisReader | _SqliteReader | None = None
         if online.type == "redis":
             self._reader = _RedisReader(self.store, self._provider, self._views)
@@ -624,9 +631,9 @@ class OnlineFeatures:
             self._reader = _SqliteReader(self.store, self._provider, self._views)
 
     @classmethod
-    def from_info(cls, info: FeatureStoreInfo) -> OnlineFeatures:
+    def from_info(cls, info: FeatureStoreInfo, product_cache_seconds: float = 0.0) -> OnlineFeatures:
         """Open the online store a `materialize_features` run wrote."""
-        return cls(info.repo_path, info.feature_service, info.yaml_path)
+        return cls(info.repo_path, info.feature_service, info.yaml_path, product_cache_seconds)
 
     def lookup(self, user_id: str | None, product_ids: Sequence[str]) -> tuple[dict[str, Any], pd.DataFrame]:
         """The user's features and one row per product id (in the given order), defaults for unknown ids.
@@ -641,16 +648,31 @@ class OnlineFeatures:
         ids = [str(p) for p in product_ids]
         unique = list(dict.fromkeys(ids))
         users = [] if user_id is None else [user_id]
+        cached: dict[str, tuple[Any, ...]] = {}
+        missing = unique
+        if self.product_cache is not None:
+            cached, missing = self.product_cache.get(unique)
         try:
-            if self._reader is not None:
+            if not users and not missing:  # every product's row is cached: nothing to read
+                user_rows = {name: [] for name in self.user_features}
+                product_rows = {name: [] for name in self.product_features}
+            elif self._reader is not None:
                 user_rows, product_rows = self._reader.read(
-                    [(USER_VIEW, self.user_features, users), (PRODUCT_VIEW, self.product_features, unique)]
+                    [(USER_VIEW, self.user_features, users), (PRODUCT_VIEW, self.product_features, missing)]
                 )
             else:
                 user_rows = self._read(USER_VIEW, self.user_features, "user_id", users)
-                product_rows = self._read(PRODUCT_VIEW, self.product_features, "product_id", unique)
+                product_rows = self._read(PRODUCT_VIEW, self.product_features, "product_id", missing)
         except _unreachable_errors() as exc:
             raise ServiceUnavailable(f"{self.description}: lookup failed ({exc})") from exc
+        if self.product_cache is not None and self.product_features:
+            fresh = list(zip(*(product_rows[name] for name in self.product_features), strict=True))
+            self.product_cache.put(missing, fresh)
+            if cached:  # the rows of `unique`, from the cache or just read
+                rows = dict(zip(missing, fresh, strict=True)) | cached
+                product_rows = {
+                    name: [rows[p][k] for p in unique] for k, name in enumerate(self.product_features)
+                }
         user = {
             name: _column([values[0] if values else None], name).tolist()[0]
             for name, values in user_rows.items()
@@ -686,6 +708,54 @@ class OnlineFeatures:
                     if value is not None:
                         columns[name][i] = _proto_value(value)
         return columns
+
+
+class ProductCache:
+    """Product feature rows read from the online store, kept `seconds` in the serving process.
+
+    Product features (popularity, title lengths, ...) change when the features step materializes them, in
+    batches hours apart, while every request reads a hundred products: the store is read for the products
+    not seen in the last `seconds` only, and a row is at most `seconds` older than the store. At most
+    `max_products` rows are kept (the least recently read leave first). Thread-safe.
+    """
+
+    def __init__(
+        self, seconds: float, max_products: int = 200_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if seconds <= 0 or max_products < 1:
+            raise ConfigError(f"a product cache needs seconds > 0 and max_products >= 1, got {seconds}")
+        self.seconds = seconds
+        self.max_products = max_products
+        self._clock = clock
+        self._rows: OrderedDict[str, tuple[float, tuple[Any, ...]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, product_ids: Sequence[str]) -> tuple[dict[str, tuple[Any, ...]], list[str]]:
+        """The fresh rows among `product_ids`, and the ids (in order) that must be read."""
+        found: dict[str, tuple[Any, ...]] = {}
+        missing: list[str] = []
+        oldest = self._clock() - self.seconds
+        with self._lock:
+            for product in product_ids:
+                entry = self._rows.get(product)
+                if entry is not None and entry[0] >= oldest:
+                    found[product] = entry[1]
+                else:
+                    missing.append(product)
+            self.hits += len(found)
+            self.misses += len(missing)
+        return found, missing
+
+    def put(self, product_ids: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
+        now = self._clock()
+        with self._lock:
+            for product, row in zip(product_ids, rows, strict=True):
+                self._rows[product] = (now, row)
+                self._rows.move_to_end(product)
+            while len(self._rows) > self.max_products:
+                self._rows.popitem(last=False)
 
 
 class _RedisReader:

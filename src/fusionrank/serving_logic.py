@@ -127,6 +127,9 @@ class ServingSettings:
     # Context vectors the dense signal keeps (the least recently used leave first): a request's text is
     # encoded once for retrieval and scoring, and a repeated query or history is not encoded again. 0: none.
     context_cache: int = VECTOR_CACHE_SIZE
+    # Seconds a product's online features are kept in the worker (`features.ProductCache`); 0: read every
+    # request's products from the store. Product features change when they are materialized, hours apart.
+    product_cache_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if self.retrieve_k is not None and not 1 <= self.retrieve_k <= MAX_CANDIDATES:
@@ -137,12 +140,14 @@ class ServingSettings:
             raise ConfigError(f"rerank_k must be between 0 and {MAX_CANDIDATES}, got {self.rerank_k}")
         if self.context_cache < 0:
             raise ConfigError(f"context_cache must not be negative, got {self.context_cache}")
+        if not self.product_cache_seconds >= 0:
+            raise ConfigError(f"product_cache_seconds must not be negative, got {self.product_cache_seconds}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
         """Settings from FUSIONRANK_* variables (FEATURE_REPO, FEATURE_STORE_YAML, RETRIEVE_K, RERANK_K,
-        INT8=on|off, STORE_RETRY_SECONDS, ADAPTIVE_BATCHING=on|off, CONTEXT_CACHE); unset ones keep their
-        defaults."""
+        INT8=on|off, STORE_RETRY_SECONDS, ADAPTIVE_BATCHING=on|off, CONTEXT_CACHE, PRODUCT_CACHE_SECONDS);
+        unset ones keep their defaults."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         try:
@@ -154,6 +159,8 @@ class ServingSettings:
                 values["store_retry_seconds"] = float(env["FUSIONRANK_STORE_RETRY_SECONDS"])
             if env.get("FUSIONRANK_CONTEXT_CACHE", "").strip():
                 values["context_cache"] = int(env["FUSIONRANK_CONTEXT_CACHE"])
+            if env.get("FUSIONRANK_PRODUCT_CACHE_SECONDS", "").strip():
+                values["product_cache_seconds"] = float(env["FUSIONRANK_PRODUCT_CACHE_SECONDS"])
         except ValueError as exc:
             raise ConfigError(f"a FUSIONRANK_* serving setting is not a number: {exc}") from exc
         for key, name in (
@@ -229,6 +236,7 @@ def open_online_store(ranker: Ranker, settings: ServingSettings) -> FeatureSourc
     if settings.feature_repo is None and not store_dir:
         return None
     service = ranker.manifest.get("feature_service") or None
+    cache_seconds = settings.product_cache_seconds
 
     def opener() -> FeatureSource:
         from fusionrank.features import DEFAULT_FEATURE_SERVICE, OnlineFeatures
@@ -237,9 +245,11 @@ def open_online_store(ranker: Ranker, settings: ServingSettings) -> FeatureSourc
         yaml_path = settings.feature_store_yaml
         if settings.feature_repo is None and (Path(store_dir) / STORE_INFO).is_file():
             info = read_store_info(store_dir)
-            return OnlineFeatures(info.repo_path, info.feature_service, yaml_path or info.yaml_path)
+            return OnlineFeatures(
+                info.repo_path, info.feature_service, yaml_path or info.yaml_path, cache_seconds
+            )
         repo = settings.feature_repo or Path(store_dir) / "feature_repo"
-        return OnlineFeatures(repo, service or DEFAULT_FEATURE_SERVICE, yaml_path)
+        return OnlineFeatures(repo, service or DEFAULT_FEATURE_SERVICE, yaml_path, cache_seconds)
 
     return ReconnectingStore(opener, settings.store_retry_seconds)
 
