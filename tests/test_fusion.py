@@ -314,6 +314,8 @@ def test_a_rerank_budget_reorders_only_the_first_stage_top_k(frame: pd.DataFrame
     first_order = score_candidates(unweighted, bert_frame.assign(s_bert=np.nan))
     budgeted_order = score_with_rerank(unweighted, bert_frame, 3)
     assert budgeted_order["product_id"].tolist() == first_order["product_id"].tolist()
+    # ... and its scores are the one-stage fusion's: no second tier is lifted above the rest
+    pd.testing.assert_frame_equal(budgeted_order, score_candidates(unweighted, bert_frame))
     # without the cross-encoder column in the model, the budget does nothing
     plain = fit_weighted(frame, ["s_noise", "s_a"])
     pd.testing.assert_frame_equal(score_with_rerank(plain, frame, 3), score_candidates(plain, frame))
@@ -340,3 +342,32 @@ def test_head_rmse_is_kaggles_metric_on_the_judged_pairs_the_head_scored() -> No
     assert head == pytest.approx(np.sqrt((0.0 + 0.25 + 1.0) / 3))
     assert constant == pytest.approx(np.sqrt((1.0 + 1.0 + 0.0) / 3))
     assert head_rmse(test.assign(s_bert=np.nan), qrels, valid_qrels) == {}
+
+
+def test_features_in_candidate_order_join_as_the_keyed_merge_does() -> None:
+    """The server's features come in candidate order and skip the join; any other order is merged on the
+    keys: both give the same frame."""
+    from fusionrank.context import Context, RankingExample
+    from fusionrank.ranker import signal_frame
+
+    examples = [
+        RankingExample(Context(query="drill"), ["p1", "p2", "p3"], {"p2": 1.0}),
+        RankingExample(Context(query="lamp"), ["p3", "p4"]),
+    ]
+    qids = [e.qid for e in examples for _ in e.candidates]
+    features = pd.DataFrame(
+        {
+            "qid": qids,
+            "product_id": ["p1", "p2", "p3", "p3", "p4"],
+            "f_price": [1.0, 2.0, 3.0, 3.5, 4.0],
+            "f_count": [1, 2, 3, 3, 4],
+        }
+    )
+    aligned = signal_frame(examples, {}, features)
+    shuffled = signal_frame(examples, {}, features.iloc[[4, 2, 0, 3, 1]])
+    merged = pd.DataFrame({"qid": qids, "product_id": features["product_id"], "gain": [0.0, 1.0, 0, 0, 0]})
+    merged = merged.merge(features, on=["qid", "product_id"], how="left")
+    pd.testing.assert_frame_equal(aligned, merged)
+    pd.testing.assert_frame_equal(shuffled, merged)
+    partial = signal_frame(examples, {}, features.iloc[:2])  # fewer rows: the others stay missing
+    assert partial["f_price"].isna().tolist() == [False, False, True, True, True]

@@ -375,6 +375,14 @@ def score_candidates(model: FusionModel, frame: pd.DataFrame) -> pd.DataFrame:
 RERANK_COLUMN = "s_bert"
 
 
+def reads_rerank_signal(model: FusionModel) -> bool:
+    """Whether the fusion's scores depend on the cross-encoder's: not for a weighted fusion that gives it
+    no weight (its rows would be scored by a model whose score counts for nothing)."""
+    if RERANK_COLUMN not in model.signals:
+        return False
+    return model.kind != "weighted" or bool(model.weights.get(RERANK_COLUMN, 0.0))
+
+
 def rerank_shortlist(model: FusionModel, frame: pd.DataFrame, rerank_k: int) -> pd.Index:
     """The index labels of the rows whose cross-encoder score a budgeted ranker computes: each query's top
     `rerank_k` by the fusion with that score missing (the same model; a missing value contributes 0)."""
@@ -389,10 +397,10 @@ def score_with_rerank(model: FusionModel, frame: pd.DataFrame, rerank_k: int | N
     by the full fusion, their cross-encoder score included, above the rest, which keep the first order (a
     two-stage cascade over the selected fusion; the re-ranked tier is lifted above the rest by a per-query
     offset in `c_bias`, so scores descend with rank and contributions still sum to the score).
-    `rerank_k=None`, a fusion that does not read the score or is a cascade itself (it has its own
-    shortlist) score every row as `score_candidates` does; 0 never calls the cross-encoder.
+    `rerank_k=None`, a fusion that does not read the score (`reads_rerank_signal`) or is a cascade itself
+    (it has its own shortlist) score every row as `score_candidates` does; 0 never calls the cross-encoder.
     """
-    if rerank_k is None or RERANK_COLUMN not in model.signals or model.kind == "cascade":
+    if rerank_k is None or not reads_rerank_signal(model) or model.kind == "cascade":
         return score_candidates(model, frame)
     if rerank_k <= 0:
         return score_candidates(model, frame.assign(**{RERANK_COLUMN: np.nan}))

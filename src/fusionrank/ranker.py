@@ -56,8 +56,26 @@ def signal_frame(
         scores = signal.score_batch(contexts, candidate_lists)
         frame[f"{SIGNAL_PREFIX}{name}"] = np.concatenate(scores) if scores else np.zeros(0, np.float32)
     if features is not None and len(features):
-        frame = frame.merge(features, on=["qid", "product_id"], how="left", validate="many_to_one")
+        if _same_rows(frame, features):
+            # the server's case: the features were looked up in candidate order, so no join is needed
+            # (pandas' merge on two keys cost about a millisecond a request)
+            extra = features.drop(columns=["qid", "product_id"]).reset_index(drop=True)
+            frame = pd.concat([frame, extra], axis=1)
+        else:
+            frame = frame.merge(features, on=["qid", "product_id"], how="left", validate="many_to_one")
     return frame
+
+
+def _same_rows(frame: pd.DataFrame, features: pd.DataFrame) -> bool:
+    """Whether `features` has one row per row of `frame`, with the same qid and product id, in order."""
+    if len(features) != len(frame) or features.columns.duplicated().any():
+        return False
+    if set(features.columns) & set(frame.columns) != {"qid", "product_id"}:
+        return False  # a clash the join would suffix
+    return all(
+        np.array_equal(frame[key].to_numpy(dtype=object), features[key].astype(str).to_numpy(dtype=object))
+        for key in ("qid", "product_id")
+    )
 
 
 def contexts_frame(examples: Sequence[RankingExample]) -> pd.DataFrame:
@@ -189,13 +207,13 @@ class Ranker:
         stays NaN. `shortlist=False` scores every candidate. The server and the champion comparison both
         build their frames here.
         """
-        from fusionrank.fusion import cascade_shortlist, rerank_shortlist
+        from fusionrank.fusion import cascade_shortlist, reads_rerank_signal, rerank_shortlist
 
         frame = signal_frame(examples, self.signals, features)
         if self.bert is None:
             return frame
         fusion = self.fusions[self.selected]
-        if getattr(fusion, "kind", None) == "weighted" and not fusion.weights.get("s_bert", 0.0):
+        if not reads_rerank_signal(fusion):
             # the selected fusion gives the cross-encoder no weight: its scores would change nothing
             picked = frame.index[:0]
         elif not shortlist:
