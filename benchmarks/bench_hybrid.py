@@ -534,7 +534,7 @@ def evaluated_retrieve_k(paths: RunPaths) -> int | None:
 def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
     """p50/p99 and throughput of each (rerank_k, int8) config, one `bentoml serve` per config."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_serving import load, start_server, stop_server
+    from bench_serving import load, start_server, stop_server, wrk_load
 
     if not paths.bento:
         return {"skipped": "no Bento tag in package/executor_output.json"}
@@ -590,7 +590,10 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
             probed = probe(url, requests[: args.probe])
             asyncio.run(load(url, requests, args.warmup, args.concurrency, args.warmup_seconds))
             load_before = load_average()
-            figures = asyncio.run(load(url, measured, args.requests, args.concurrency, phase_limit))
+            if args.client == "wrk":
+                figures = wrk_load(url, measured, args.concurrency, phase_limit, logs)
+            else:
+                figures = asyncio.run(load(url, measured, args.requests, args.concurrency, phase_limit))
             load_after = load_average()
         finally:
             stop_server(process)
@@ -624,6 +627,7 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
         "warmup_requests": args.warmup,
         "torch_threads": args.torch_threads or "1 per worker (server default)",
         "workers": args.workers,
+        "client": args.client,
         "context_cache": args.context_cache,
         "retrieve_k": retrieve_k,
         "sweep_seconds": round(time.monotonic() - sweep_started, 1),
@@ -732,7 +736,8 @@ def markdown(result: Mapping[str, Any]) -> str:
             f"clients, {latency['request_set']['requests']} test requests ({latency['request_set']['kind']}, "
             f"k=10) cycled, warm-up {latency['warmup_requests']} requests, up to "
             f"{latency['requests_per_phase']} measured requests per config within its time limit (see "
-            f"'requests'), {latency.get('workers', 1)} worker(s), torch threads {latency['torch_threads']}, "
+            f"'requests'), load generator {latency.get('client', 'python')}, "
+            f"{latency.get('workers', 1)} worker(s), torch threads {latency['torch_threads']}, "
             f"FUSIONRANK_CONTEXT_CACHE="
             f"{latency.get('context_cache', '(unset)')}, FUSIONRANK_RETRIEVE_K="
             f"{latency['retrieve_k'] or '(unset)'}; 'all' served as FUSIONRANK_RERANK_K="
@@ -879,6 +884,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "evaluated_retrieve_k)",
     )
     add_server_arguments(parser)
+    parser.add_argument(
+        "--client",
+        choices=["python", "wrk"],
+        default="python",
+        help="load generator (see bench_serving.py): wrk runs each measured phase for its time limit",
+    )
     parser.add_argument(
         "--context-cache",
         type=int,
