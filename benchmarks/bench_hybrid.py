@@ -563,6 +563,8 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
     if retrieve_k:
         env["FUSIONRANK_RETRIEVE_K"] = str(retrieve_k)
     configs = [(int8, k) for int8 in (False, True) for k in K_VALUES]
+    if args.only:
+        configs = [(i, k) for i, k in configs if f"{'int8' if i else 'fp32'} k={k_label(k)}" in args.only]
     rows = []
     sweep_started = time.monotonic()
     budget = args.budget_minutes * 60
@@ -901,6 +903,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "--current-code",
         action="store_true",
         help="serve each run's model in a Bento rebuilt with the current serving code",
+    )
+    parser.add_argument(
+        "--only", action="append", help="serve only this config (repeatable), e.g. --only 'int8 k=0'"
     )
     parser.add_argument("--p99-target-ms", type=float, default=100.0)
     parser.add_argument("--fp32-check-requests", type=int, default=10, help="fp32 recompute check (0: off)")

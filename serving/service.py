@@ -8,7 +8,7 @@ POST /rank_batch  a list of requests in, a list of rankings out; BentoML's own a
 GET /healthz /readyz /livez /metrics come with BentoML.
 
 Worker processes: FUSIONRANK_WORKERS (default 1), read when this module is imported; each worker loads the
-model and runs torch with one thread (unless OMP_NUM_THREADS says otherwise: see `torch_threads`).
+model and runs torch and BLAS with one thread (unless OMP_NUM_THREADS says otherwise: see `torch_threads`).
 
 The model is declared at class scope, so a Bento built from this file carries it. Which model: the `model`
 argument (`bentoml build|serve --arg model=fusionrank-ranker:<version>`; `fusionrank.packaging` pins the
@@ -60,16 +60,21 @@ class FusionRanker:
     bundle = bentoml.models.BentoModel(ARGS.model)
 
     def __init__(self) -> None:
-        import torch
         from prometheus_client import Histogram
 
         from fusionrank.batching import RequestBatcher
         from fusionrank.ranker import Ranker
-        from fusionrank.serving_logic import RankingLogic, ServingSettings, open_online_store, torch_threads
+        from fusionrank.serving_logic import (
+            RankingLogic,
+            ServingSettings,
+            limit_threads,
+            open_online_store,
+            torch_threads,
+        )
 
         threads = torch_threads()
         if threads is not None:
-            torch.set_num_threads(threads)
+            limit_threads(threads)
         settings = ServingSettings.from_env()
         ranker = Ranker.load(Path(self.bundle.path) / BUNDLE_DIR, int8=settings.int8)
         self.logic = RankingLogic(ranker, str(self.bundle.tag), open_online_store(ranker, settings), settings)

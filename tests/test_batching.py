@@ -9,7 +9,7 @@ import pytest
 
 from fusionrank.batching import RequestBatcher
 from fusionrank.errors import ConfigError
-from fusionrank.serving_logic import serving_workers, torch_threads
+from fusionrank.serving_logic import limit_threads, serving_workers, torch_threads
 
 
 class SlowModel:
@@ -130,3 +130,19 @@ def test_the_cpu_count_honours_a_container_quota(tmp_path) -> None:
     assert _cpu_count(quota) == 1
     quota.write_text("50000 100000\n")  # half a CPU still runs one worker
     assert _cpu_count(quota) == 1
+
+
+def test_limit_threads_caps_torch_and_blas() -> None:
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    before = torch.get_num_threads()
+    with threadpool_limits():  # restores the BLAS limits on leaving
+        try:
+            limit_threads(1)
+            assert torch.get_num_threads() == 1
+            blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+            assert blas
+            assert all(pool["num_threads"] == 1 for pool in blas)
+        finally:
+            torch.set_num_threads(before)

@@ -509,6 +509,21 @@ def torch_threads(environ: Mapping[str, str] | None = None) -> int | None:
     return 1
 
 
+def limit_threads(threads: int) -> None:
+    """Run torch and the BLAS numpy calls (OpenBLAS) of this process on `threads` threads.
+
+    OpenBLAS otherwise starts a thread per core for a product over the whole catalog (dense retrieval), and
+    its waiting threads spin: with two workers on 2 cores, four BLAS threads competed for the cores, and
+    Home Depot's retrieving requests were served at 80 req/s against 115 with one worker
+    (`benchmarks/bench_hybrid.py --workers 2`, session 6, before this limit).
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads, user_api="blas")
+
+
 def _cpu_count(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's limit,
     which the affinity does not show: a pod limited to 2 CPUs on a 32-core node sees 32)."""
