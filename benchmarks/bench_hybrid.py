@@ -14,8 +14,8 @@ fitted on the VALID frame only:
    candidates for search);
 3. + cross-encoder on each request's top k (k in 0, 10, 20, 50, all): the run's selected fusion
    (`fit-fusion`) through `fusion.score_with_rerank`, with the frames' fp32 s_bert and s_dense;
-4. int8: the same k with s_bert and s_dense recomputed by the bundle's int8 encoders
-   (`Ranker.load(bundle, int8=True).frame(..., shortlist=False)`) on the same candidates (the hybrid
+4. int8: the same k with s_bert and s_dense recomputed by the bundle's int8 encoders (ONNX Runtime,
+   `Ranker.load(bundle, int8=True).frame(..., shortlist=False)`) on the same candidates (the hybrid
    candidates a server's int8 context encoder retrieves may differ from the frames').
 
 NDCG@10 comes from the evaluation harness (`evaluation.evaluate_runs`, ranx) over every judged product

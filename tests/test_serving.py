@@ -408,6 +408,21 @@ def test_a_cascade_runs_bert_on_its_shortlist_only(ranker, store: DictStore) -> 
     np.testing.assert_allclose(cascade.score(frame)["score"], cascade.score(full)["score"], rtol=1e-4)
 
 
+def test_a_weighted_fusion_without_bert_weight_runs_bert_only_when_asked_for_every_candidate(ranker) -> None:
+    weights = {**ranker.fusions["weighted"].weights, "s_bert": 0.0}
+    unweighted = dataclasses.replace(
+        _with_fusion(ranker, "weighted"),
+        fusions={
+            **ranker.fusions,
+            "weighted": dataclasses.replace(ranker.fusions["weighted"], weights=weights),
+        },
+    )
+    example = RankingExample(Context(query="green saw"), [f"p{i}" for i in range(12)])
+    assert unweighted.frame([example], None, rerank_k=5)["s_bert"].isna().all()
+    # shortlist=False (the benchmark measuring each encoder alone) scores every candidate all the same
+    assert unweighted.frame([example], None, shortlist=False)["s_bert"].notna().all()
+
+
 def test_the_warm_up_reads_the_store_and_never_stops_the_server(ranker, store: DictStore, monkeypatch):
     logic = RankingLogic(ranker, "m:1", store)
     assert logic.warm_up() is None

@@ -201,7 +201,7 @@ class Ranker:
         """The candidate frame for `examples` with every signal of this bundle, BERT included.
 
         The cross-encoder scores only the rows its fusion will read (none when a weighted fusion gives it no
-        weight): under a cascade fusion the cascade's
+        weight, unless `shortlist=False`): under a cascade fusion the cascade's
         shortlist, and with `rerank_k` each request's top `rerank_k` by the fusion without it
         (`fusion.score_with_rerank`, which `score` applies with the same `rerank_k`). Other rows' `s_bert`
         stays NaN. `shortlist=False` scores every candidate. The server and the champion comparison both
@@ -213,11 +213,11 @@ class Ranker:
         if self.bert is None:
             return frame
         fusion = self.fusions[self.selected]
-        if not reads_rerank_signal(fusion):
+        if not shortlist:
+            picked = frame.index
+        elif not reads_rerank_signal(fusion):
             # the selected fusion gives the cross-encoder no weight: its scores would change nothing
             picked = frame.index[:0]
-        elif not shortlist:
-            picked = frame.index
         elif getattr(fusion, "kind", None) == "cascade":
             picked = cascade_shortlist(fusion, frame).index
         elif rerank_k is not None and "s_bert" in fusion.signals:
