@@ -371,3 +371,28 @@ def test_features_in_candidate_order_join_as_the_keyed_merge_does() -> None:
     pd.testing.assert_frame_equal(shuffled, merged)
     partial = signal_frame(examples, {}, features.iloc[:2])  # fewer rows: the others stay missing
     assert partial["f_price"].isna().tolist() == [False, False, True, True, True]
+
+
+@pytest.mark.parametrize("rerank_k", [None, 3])
+def test_explaining_only_the_top_rows_keeps_scores_ranks_and_their_contributions(
+    frame: pd.DataFrame, rerank_k: int | None
+) -> None:
+    """A server lists each request's top k: a LambdaMART's contributions (TreeSHAP, its cost) are computed
+    for those rows only, and everything else it answers is the same as with every row explained."""
+    from fusionrank.fusion import score_with_rerank
+
+    bert_frame = frame.assign(s_bert=frame["s_perfect"])
+    model = fit_lambdamart(bert_frame, ["s_noise", "s_a", "s_bert"])
+    full = score_with_rerank(model, bert_frame, rerank_k)
+    lazy = score_with_rerank(model, bert_frame, rerank_k, explain_top=2)
+    parts = _contributions(full)
+    pd.testing.assert_frame_equal(lazy.drop(columns=parts), full.drop(columns=parts), rtol=1e-9)
+    top = lazy["rank"] <= 2
+    np.testing.assert_allclose(lazy.loc[top, parts], full.loc[top, parts], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lazy.loc[top, parts].sum(axis=1), lazy.loc[top, "score"], atol=1e-9)
+    assert lazy.loc[~top, parts].isna().all().all()
+    # other kinds explain every row whatever is asked (their contributions cost no more than the score)
+    weighted = fit_weighted(frame, ["s_noise", "s_a"])
+    pd.testing.assert_frame_equal(
+        score_candidates(weighted, frame, explain_top=1), score_candidates(weighted, frame)
+    )

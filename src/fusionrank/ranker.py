@@ -236,13 +236,17 @@ class Ranker:
         return frame
 
     def score(
-        self, frame: pd.DataFrame, fusion: str | None = None, rerank_k: int | None = None
+        self,
+        frame: pd.DataFrame,
+        fusion: str | None = None,
+        rerank_k: int | None = None,
+        explain_top: int | None = None,
     ) -> pd.DataFrame:
         """Fused scores and per-signal contributions of a candidate frame (the one scoring function), with
-        the cross-encoder's budget `rerank_k` as in `frame`."""
+        the cross-encoder's budget `rerank_k` as in `frame`; `explain_top`: see `fusion.score_candidates`."""
         from fusionrank.fusion import score_with_rerank
 
-        return score_with_rerank(self.fusions[fusion or self.selected], frame, rerank_k)
+        return score_with_rerank(self.fusions[fusion or self.selected], frame, rerank_k, explain_top)
 
 
 def bert_scores(bert, examples: Sequence[RankingExample], titles: Mapping[str, str]) -> np.ndarray:

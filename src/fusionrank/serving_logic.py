@@ -391,7 +391,9 @@ class RankingLogic:
         parts = [p.features for p in prepared if p.features is not None and p.example.candidates]
         features = pd.concat(parts, ignore_index=True) if parts else None
         frame = self.ranker.frame(examples, features, rerank_k=self.rerank_k)
-        return self.ranker.score(frame, rerank_k=self.rerank_k)
+        # contributions of the products the answers list only (a LambdaMART's cost most per row)
+        explain_top = max(p.request.k for p in prepared)
+        return self.ranker.score(frame, rerank_k=self.rerank_k, explain_top=explain_top)
 
     def _response(self, prepared: _Prepared, scored: pd.DataFrame | None) -> RankResponse:
         results: list[RankedProduct] = []
@@ -510,7 +512,7 @@ def torch_threads(environ: Mapping[str, str] | None = None) -> int | None:
 
 
 def limit_threads(threads: int) -> None:
-    """Run torch and the BLAS numpy calls (OpenBLAS) of this process on `threads` threads.
+    """Run torch, the BLAS numpy calls (OpenBLAS) and OpenMP (LightGBM) of this process on `threads` threads.
 
     OpenBLAS otherwise starts a thread per core for a product over the whole catalog (dense retrieval), and
     its waiting threads spin: with two workers on 2 cores, four BLAS threads competed for the cores, and
@@ -521,7 +523,8 @@ def limit_threads(threads: int) -> None:
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
-    threadpool_limits(limits=threads, user_api="blas")
+    # BLAS and OpenMP (LightGBM's predictions run on OpenMP threads too)
+    threadpool_limits(limits=threads)
 
 
 def _cpu_count(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
