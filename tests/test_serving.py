@@ -261,6 +261,12 @@ def test_settings_come_from_the_environment_and_bad_values_are_named() -> None:
         ServingSettings.from_env({"FUSIONRANK_ADAPTIVE_BATCHING": "maybe"})
     with pytest.raises(ConfigError, match="retrieve_k"):
         ServingSettings.from_env({"FUSIONRANK_RETRIEVE_K": "0"})
+    assert ServingSettings().product_cache_seconds == 60.0
+    assert ServingSettings.from_env({"FUSIONRANK_PRODUCT_CACHE_SECONDS": "0"}).product_cache_seconds == 0.0
+    with pytest.raises(ConfigError, match="product_cache_seconds"):
+        ServingSettings.from_env({"FUSIONRANK_PRODUCT_CACHE_SECONDS": "-1"})
+    with pytest.raises(ConfigError, match="not a number"):
+        ServingSettings.from_env({"FUSIONRANK_PRODUCT_CACHE_SECONDS": "soon"})
 
 
 # Ranking

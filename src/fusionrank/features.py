@@ -716,7 +716,7 @@ class ProductCache:
     Product features (popularity, title lengths, ...) change when the features step materializes them, in
     batches hours apart, while every request reads a hundred products: the store is read for the products
     not seen in the last `seconds` only, and a row is at most `seconds` older than the store. At most
-    `max_products` rows are kept (the least recently read leave first). Thread-safe.
+    `max_products` rows are kept (the least recently written leave first). Thread-safe.
     """
 
     def __init__(
