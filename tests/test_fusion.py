@@ -348,7 +348,7 @@ def test_features_in_candidate_order_join_as_the_keyed_merge_does() -> None:
     """The server's features come in candidate order and skip the join; any other order is merged on the
     keys: both give the same frame."""
     from fusionrank.context import Context, RankingExample
-    from fusionrank.ranker import signal_frame
+    from fusionrank.ranker import _same_rows, signal_frame
 
     examples = [
         RankingExample(Context(query="drill"), ["p1", "p2", "p3"], {"p2": 1.0}),
@@ -370,6 +370,10 @@ def test_features_in_candidate_order_join_as_the_keyed_merge_does() -> None:
     pd.testing.assert_frame_equal(aligned, merged)
     pd.testing.assert_frame_equal(shuffled, merged)
     partial = signal_frame(examples, {}, features.iloc[:2])  # fewer rows: the others stay missing
+    # the aligned frame takes the path without a join, the shuffled one the join
+    keys = merged[["qid", "product_id", "gain"]]
+    assert _same_rows(keys, features)
+    assert not _same_rows(keys, features.iloc[[4, 2, 0, 3, 1]])
     assert partial["f_price"].isna().tolist() == [False, False, True, True, True]
 
 

@@ -62,6 +62,7 @@ def test_int8_minilm_embeds_queries_close_to_fp32(data_dir: Path) -> None:
     cosines = (int8 * encoder.encode(texts)).sum(axis=1)
     assert cosines.mean() > 0.98
     assert cosines.min() > 0.95
+    assert cosines.max() < 1 - 1e-6  # quantized for real: an fp32 graph would give cosine 1
 
 
 def test_int8_cross_encoder_scores_every_pair(tiny: Path) -> None:
@@ -73,6 +74,7 @@ def test_int8_cross_encoder_scores_every_pair(tiny: Path) -> None:
     assert scores.shape == (4,)
     assert np.all(np.isfinite(scores))
     assert np.allclose(scores, cross.score(TEXTS, PRODUCTS), atol=1e-3)
+    assert not np.allclose(scores, cross.score(TEXTS, PRODUCTS), rtol=0, atol=1e-8)  # int8, not fp32
 
 
 def test_a_model_on_another_device_is_refused(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:

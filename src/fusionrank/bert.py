@@ -375,13 +375,20 @@ def _model_inputs(
     asks the device whether it holds any padding, which stalls the host on every batch.
     """
     input_ids, token_type_ids, keep = _batch_tokens(pairs, index, width)
+    attention_mask = attention_mask_4d(keep, model)
+    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}, keep
+
+
+def attention_mask_4d(keep: torch.Tensor, model: PreTrainedModel) -> torch.Tensor:
+    """The [B, 1, width, width] attention mask of a [B, width] boolean token mask, in the form transformers
+    builds for the model's attention: boolean for SDPA, additive otherwise."""
+    width = keep.shape[1]
     if model.config._attn_implementation == "sdpa":
         mask = keep
     else:
         mask = torch.zeros(keep.shape, dtype=model.dtype, device=keep.device)
         mask.masked_fill_(~keep, torch.finfo(model.dtype).min)
-    attention_mask = mask[:, None, None, :].expand(-1, 1, width, width)
-    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}, keep
+    return mask[:, None, None, :].expand(-1, 1, width, width)
 
 
 def _batch_tokens(

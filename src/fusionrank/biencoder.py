@@ -108,6 +108,13 @@ class BiEncoderConfig:
             raise ConfigError("invalid bi-encoder settings: " + "; ".join(problems))
 
 
+def mean_pooled(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The unit-length mean of each row's token states over its real tokens (`keep`, [B, width])."""
+    weights = keep.unsqueeze(-1).float()
+    pooled = (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    return functional.normalize(pooled, dim=-1)
+
+
 class BiEncoder:
     """A text embedder: mean-pooled, L2-normalised token states of a BERT, so a dot product is a cosine."""
 
@@ -202,10 +209,7 @@ class BiEncoder:
 
     def _pooled(self, encoded: Any, index: torch.Tensor, width: int) -> torch.Tensor:
         inputs, keep = _model_inputs(encoded, index, width, self.model)
-        hidden = self.model(**inputs).last_hidden_state.float()
-        weights = keep.unsqueeze(-1).float()
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return functional.normalize(pooled, dim=-1)
+        return mean_pooled(self.model(**inputs).last_hidden_state, keep)
 
     def save(self, output_dir: str | Path) -> Path:
         if self.quantized:

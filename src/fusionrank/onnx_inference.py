@@ -58,30 +58,23 @@ class _Exported(torch.nn.Module):
     def forward(
         self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, keep: torch.Tensor
     ) -> torch.Tensor:
-        width = input_ids.shape[1]
-        # the 4-D mask transformers builds for the model's attention (boolean for SDPA, additive otherwise),
-        # built here so that no branch on "is there any padding" is traced into the graph
-        mask = keep.bool()
-        if self.model.config._attn_implementation != "sdpa":
-            mask = torch.zeros(keep.shape, dtype=torch.float32).masked_fill(
-                ~mask, torch.finfo(torch.float32).min
-            )
-        mask = mask[:, None, None, :].expand(-1, 1, width, width)
+        from fusionrank.bert import attention_mask_4d
+        from fusionrank.biencoder import mean_pooled
+
+        # the 4-D mask the PyTorch path passes too, built in the graph so that no branch on "is there any
+        # padding" is traced into it
+        mask = attention_mask_4d(keep.bool(), self.model)
         out = self.model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=mask)
         if self.output == "logit":
             return out.logits[:, 0].float()
-        hidden = out.last_hidden_state.float()
-        weights = keep.unsqueeze(-1).float()
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return torch.nn.functional.normalize(pooled, dim=-1)
+        return mean_pooled(out.last_hidden_state, keep.bool())
 
 
 class OnnxInt8Model:
     """An int8 ONNX Runtime session of a BERT encoder: `run(ids, types, keep)` -> embeddings or logits."""
 
-    def __init__(self, session: object, output: Output) -> None:
+    def __init__(self, session: object) -> None:
         self.session = session
-        self.output = output
 
     @classmethod
     def from_torch(
@@ -138,7 +131,7 @@ class OnnxInt8Model:
             session = onnxruntime.InferenceSession(
                 str(int8 if quantize else fp32), options, providers=["CPUExecutionProvider"]
             )
-        return cls(session, output)
+        return cls(session)
 
     def run(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, keep: torch.Tensor) -> np.ndarray:
         """[B, dim] float32 embeddings or [B] float32 logits of one padded batch."""
