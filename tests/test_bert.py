@@ -342,3 +342,16 @@ def test_ndcg_at_k_agrees_with_ranx(home_depot_pairs: tuple[pd.DataFrame, pd.Dat
     expected = ranx.evaluate(qrels, run, "ndcg@10")
     actual = bert.ndcg_at_k(frame["group"].tolist(), frame["gain"].to_numpy(), frame["score"].to_numpy())
     assert actual == pytest.approx(expected, abs=1e-9)
+
+
+def test_the_epoch_is_chosen_on_a_seeded_draw_of_whole_validation_requests() -> None:
+    from fusionrank.steps import _sample_requests
+
+    frame = pd.DataFrame({"qid": np.repeat([f"q{i}" for i in range(50)], 4), "product_id": list("abcd") * 50})
+    picked = _sample_requests(frame, 10, seed=3)
+    assert picked["qid"].nunique() == 10
+    assert (picked.groupby("qid").size() == 4).all()  # a request keeps every candidate
+    kept = set(picked["qid"])
+    assert list(pd.unique(picked["qid"])) == [q for q in pd.unique(frame["qid"]) if q in kept]  # frame order
+    pd.testing.assert_frame_equal(picked, _sample_requests(frame, 10, seed=3))
+    assert _sample_requests(frame, 50, seed=3) is frame

@@ -112,6 +112,18 @@ def test_lambdamart_ranks_unseen_queries_correctly(frame: pd.DataFrame) -> None:
     assert model.fit_info["best_iteration"] >= 1
 
 
+def test_lambdamart_does_not_depend_on_the_order_of_a_querys_candidates(frame: pd.DataFrame) -> None:
+    # LightGBM's NDCG ranks tied scores in row order: with the relevant rows listed first, early stopping
+    # would favour the first trees, which tie most rows; the fit must see the same rows either way
+    codes = pd.factorize(frame["qid"])[0]
+    relevant_first = frame.iloc[np.lexsort((-frame["gain"].to_numpy(), codes))].reset_index(drop=True)
+    relevant_last = frame.iloc[np.lexsort((frame["gain"].to_numpy(), codes))].reset_index(drop=True)
+    signals = ["s_noise", "s_a", "f_len"]
+    first, last = fit_lambdamart(relevant_first, signals), fit_lambdamart(relevant_last, signals)
+    assert first.fit_info == last.fit_info
+    assert first.booster.model_to_string() == last.booster.model_to_string()
+
+
 def test_cascade_only_reorders_the_first_stage_top_k(frame: pd.DataFrame) -> None:
     first = fit_weighted(frame, ["s_noise"])
     model = fit_cascade(frame, first, rerank_signal="s_perfect", k=3)

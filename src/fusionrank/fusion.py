@@ -274,6 +274,12 @@ def fit_lambdamart(
     Early stopping on NDCG@10 of a holdout of `valid_frac` of the frame's queries (chosen with `seed`).
     Gains become integer labels whose LightGBM `label_gain` is the gain itself, so LightGBM optimises the
     same linear-gain NDCG that ranx reports. `params` override LAMBDAMART_DEFAULTS.
+
+    Each query's rows are put in `tie_keys` order first, so the fit does not depend on the order of the
+    candidates. LightGBM's NDCG ranks tied scores in row order: a frame listing the held-out item first
+    (as recommendation frames do) made the first trees, whose few leaves tie most rows, look best on the
+    holdout, and early stopping kept them (on 12,000 Games validation requests, 1 tree and test NDCG@10
+    0.745 against 58 trees and 0.774 once the rows were reordered).
     """
     import lightgbm
 
@@ -281,6 +287,9 @@ def fit_lambdamart(
     _check_frame(frame, signals, need_gain=True)
     if not 0.0 <= valid_frac < 1.0:
         raise ConfigError(f"valid_frac must be in [0, 1), got {valid_frac!r}")
+    codes = pd.factorize(frame["qid"].to_numpy())[0]
+    order = np.lexsort((tie_keys(frame["qid"], frame["product_id"]), codes))
+    frame = frame.iloc[order].reset_index(drop=True)
     labels, label_gain = _graded_labels(frame["gain"].to_numpy(dtype=float))
     qids = pd.unique(frame["qid"])
     n_holdout = round(valid_frac * len(qids)) if len(qids) >= 2 else 0
