@@ -37,7 +37,7 @@ STORE_INFO = "feature_store.json"
 EVAL_SPLITS = ("valid", "test")
 NEGATIVES_PER_USER = 19  # the LLMRank protocol ranks the held-out item among 20 candidates
 # The cross-encoder's epoch is chosen on at most this many validation requests: every epoch scores them all,
-# and the fusion may be fitted on many more (6,000 Games requests are 120,000 pairs, 18 minutes on 2 CPUs).
+# and the fusion may be fitted on many more (6,000 Games requests are 120,000 pairs, 13 minutes on 2 CPUs).
 FINETUNE_VALID_REQUESTS = 1000
 # Search gains are relevance - 1 (Home Depot's scale starts at 1 = irrelevant), in evaluation and training.
 SEARCH_GAIN_OFFSET = 1.0
