@@ -111,6 +111,14 @@ def test_ndcg_at_k_on_a_worked_example() -> None:
     assert bert.ndcg_at_k(groups, gains, scores, k=1) == pytest.approx(0.5)
 
 
+def test_ndcg_at_k_gives_ties_no_credit_whatever_the_row_order() -> None:
+    # one relevant row among four, all scored alike: it counts as ranked last, first row or not
+    groups, scores = ["g"] * 4, np.zeros(4)
+    last = 1 / math.log2(5)
+    assert bert.ndcg_at_k(groups, np.array([1.0, 0, 0, 0]), scores) == pytest.approx(last)
+    assert bert.ndcg_at_k(groups, np.array([0, 0, 0, 1.0]), scores) == pytest.approx(last)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Training a tiny BERT on real pairs
 

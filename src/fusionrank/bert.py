@@ -596,8 +596,10 @@ def ndcg_at_k(groups: Sequence[Any], gains: np.ndarray, scores: np.ndarray, k: i
     """Mean NDCG@k over groups (linear gains), ranking each group's rows by descending score.
 
     Groups whose rows all have gain 0 have no ideal ranking and are left out. Written here rather than taken
-    from ranx because this module must run on a GPU node holding only torch and transformers; the tests check
-    it against ranx. Tied scores keep the input order.
+    from ranx because this module must run on a GPU node holding only torch and transformers; a test checks
+    it on a worked example. Tied scores rank the lower gain first, so ties never flatter a model: in input
+    order, a frame listing the held-out item first (as recommendation frames do) gave a model that scores
+    every candidate alike a perfect NDCG, and the epoch selection would have kept it.
     """
     codes, uniques = pd.factorize(pd.Series(groups))
     gains = np.asarray(gains, dtype=np.float64)
@@ -611,7 +613,7 @@ def ndcg_at_k(groups: Sequence[Any], gains: np.ndarray, scores: np.ndarray, k: i
         weight = np.where(rank < k, discounts[np.minimum(rank, k - 1)], 0.0)
         return np.bincount(ordered_codes, weights=gains[order] * weight, minlength=len(uniques))
 
-    actual = dcg(np.lexsort((-scores, codes)))
+    actual = dcg(np.lexsort((gains, -scores, codes)))
     ideal = dcg(np.lexsort((-gains, codes)))
     judged = ideal > 0
     return float((actual[judged] / ideal[judged]).mean()) if judged.any() else float("nan")
