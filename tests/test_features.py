@@ -377,6 +377,38 @@ def test_cached_product_rows_answer_as_the_store_does(
     assert cached.product_cache.hits > 0
 
 
+@pytest.mark.slow
+def test_a_batch_lookup_reads_once_and_answers_as_single_lookups(
+    games: Tables, games_stores: dict[str, FeatureStoreInfo], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    features = OnlineFeatures.from_info(games_stores["local"])
+    users = games.interactions["user_id"].drop_duplicates().iloc[:3].tolist()
+    popular = games.interactions["product_id"].value_counts().index[:50].tolist()
+    lookups = [
+        (users[0], popular[:20]),
+        (None, [*popular[10:40], "no-such-product", popular[10]]),
+        (users[1], []),
+        (users[0], popular[45:]),  # the same user twice
+        ("no-such-user", popular[:5]),
+    ]
+    reads: list[list[list[str]]] = []
+    reader = features._reader.read
+    monkeypatch.setattr(
+        features._reader,
+        "read",
+        lambda requests: reads.append([list(r[2]) for r in requests]) or reader(requests),
+    )
+    answers = features.lookup_batch(lookups)
+    # each distinct user and product once, in one read
+    assert reads == [
+        [[users[0], users[1], "no-such-user"], list(dict.fromkeys(p for _, ids in lookups for p in ids))]
+    ]
+    for (user_id, product_ids), (user, columns) in zip(lookups, answers, strict=True):
+        alone_user, alone = features.lookup(user_id, product_ids)
+        assert user == alone_user
+        pd.testing.assert_frame_equal(pd.DataFrame({"product_id": alone["product_id"], **columns}), alone)
+
+
 def test_the_product_cache_expires_rows_and_keeps_the_most_recent() -> None:
     now = [0.0]
     cache = ProductCache(10.0, max_products=2, clock=lambda: now[0])

@@ -63,8 +63,11 @@ class DictStore:
         self.histories = ordered.groupby("user_id")["product_id"].agg(list).to_dict()
         self.calls = 0
 
-    def lookup(self, user_id: str | None, product_ids: Sequence[str]) -> tuple[dict[str, Any], pd.DataFrame]:
+    def lookup_batch(self, lookups: Sequence[tuple[str | None, Sequence[str]]]) -> list[tuple[dict, Any]]:
         self.calls += 1
+        return [self.lookup(user_id, product_ids) for user_id, product_ids in lookups]
+
+    def lookup(self, user_id: str | None, product_ids: Sequence[str]) -> tuple[dict[str, Any], pd.DataFrame]:
         history = self.histories.get(user_id, [])
         user = {
             "user_event_count": len(history),
@@ -85,7 +88,7 @@ class DictStore:
 class DownStore:
     """An online store that cannot be reached."""
 
-    def lookup(self, user_id: str | None, product_ids: Sequence[str]) -> tuple[dict[str, Any], pd.DataFrame]:
+    def lookup_batch(self, lookups: Sequence[tuple[str | None, Sequence[str]]]) -> list[tuple[dict, Any]]:
         raise ServiceUnavailable("Redis online store at 127.0.0.1:1: lookup failed (connection refused)")
 
 
@@ -373,10 +376,10 @@ def test_a_store_that_fails_to_open_is_retried_after_the_interval(store: DictSto
     reconnecting = ReconnectingStore(opener, retry_seconds=30.0, clock=lambda: now[0])
     for _ in range(2):
         with pytest.raises(ServiceUnavailable, match=r"/x\.db"):
-            reconnecting.lookup("u1", ["p1"])
+            reconnecting.lookup_batch([("u1", ["p1"])])
     assert attempts == [0.0]
     now[0] = 31.0
-    _user, table = reconnecting.lookup("u1", ["p1"])
+    ((_user, table),) = reconnecting.lookup_batch([("u1", ["p1"])])
     assert attempts == [0.0, 31.0]
     assert list(table["product_id"]) == ["p1"]
 
@@ -402,6 +405,36 @@ def test_served_scores_equal_the_offline_scores(ranker, store: DictStore, bundle
         expected = offline[offline["qid"] == example.qid]
         assert [r.product_id for r in answer.results] == list(expected["product_id"])
         np.testing.assert_allclose([r.score for r in answer.results], expected["score"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["weighted", "lambdamart"])
+def test_retrieved_anonymous_requests_are_scored_with_the_stores_user_defaults(
+    ranker, store: DictStore, fusion: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query without user or candidates: its retrieved candidates are scored as offline, where a request
+    without a user has the user features' defaults (not missing values)."""
+    served_ranker = _with_fusion(ranker, fusion)
+    logic = RankingLogic(served_ranker, MODEL_TAG, store, ServingSettings(retrieve_k=10))
+    queries = ["red drill", "blue hammer", "green saw"]
+    given: list[pd.DataFrame] = []
+    frame = served_ranker.frame
+    monkeypatch.setattr(
+        served_ranker,
+        "frame",
+        lambda examples, features, **kw: given.append(features) or frame(examples, features, **kw),
+    )
+    answers = logic.rank_batch([RankRequest(query=q, k=10) for q in queries])
+    (features,) = given
+    assert features["f_user_event_count"].tolist() == [0.0] * len(features)
+    assert (features["f_user_days_since_prev_event"] == -1.0).all()
+    for query, answer in zip(queries, answers, strict=True):
+        assert answer.retrieved
+        example = RankingExample(
+            Context(query=query), retrieve_candidates(served_ranker, Context(query=query), 10)
+        )
+        offline = served_ranker.score(served_ranker.frame([example], _offline_features(store, [example])))
+        assert [r.product_id for r in answer.results] == list(offline["product_id"])
+        np.testing.assert_allclose([r.score for r in answer.results], offline["score"], rtol=1e-4, atol=1e-6)
 
 
 def test_a_cascade_runs_bert_on_its_shortlist_only(ranker, store: DictStore) -> None:
@@ -445,7 +478,10 @@ def test_a_batch_scores_each_request_as_if_alone(ranker, store: DictStore) -> No
         RankRequest(query="red drill", candidates=["p0", "p1", "p10"], k=100),  # the same qid as the first
         RankRequest(user_id="stranger", query="paint", k=100),
     ]
+    reads = store.calls
     batched = logic.rank_batch(requests)
+    # one read for the users and the given candidates, one for the retrieved candidates
+    assert store.calls - reads == 2
     for request, answer in zip(requests, batched, strict=True):
         alone = logic.rank_batch([request])[0]
         assert [r.product_id for r in answer.results] == [r.product_id for r in alone.results]

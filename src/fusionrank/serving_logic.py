@@ -181,11 +181,18 @@ class ServingSettings:
         return cls(**values)
 
 
+Lookup = tuple[str | None, Sequence[str]]
+# a user's features, and per product feature its values in the order of the product ids (a DataFrame with a
+# product_id column is one)
+LookupAnswer = tuple[dict[str, Any], Mapping[str, Any]]
+
+
 class FeatureSource(Protocol):
     """The online lookup the ranker needs (`fusionrank.features.OnlineFeatures` is one)."""
 
-    def lookup(self, user_id: str | None, product_ids: Sequence[str]) -> tuple[dict[str, Any], pd.DataFrame]:
-        """The user's features and one row per product id; ServiceUnavailable when unreadable."""
+    def lookup_batch(self, lookups: Sequence[Lookup]) -> list[LookupAnswer]:
+        """For each (user id or None, product ids): the user's features and the products' feature columns,
+        in one read of the store; ServiceUnavailable when unreadable."""
         ...
 
 
@@ -208,8 +215,8 @@ class ReconnectingStore:
         self._error: str | None = None
         self._failed_at = -float("inf")
 
-    def lookup(self, user_id: str | None, product_ids: Sequence[str]) -> tuple[dict[str, Any], pd.DataFrame]:
-        return self._open().lookup(user_id, product_ids)
+    def lookup_batch(self, lookups: Sequence[Lookup]) -> list[LookupAnswer]:
+        return self._open().lookup_batch(lookups)
 
     def _open(self) -> FeatureSource:
         if self._store is not None:
@@ -260,7 +267,7 @@ class _Prepared:
 
     request: RankRequest
     example: RankingExample
-    features: pd.DataFrame | None
+    features: dict[str, np.ndarray] | None
     reasons: list[str] = field(default_factory=list)
     cold_start: bool = False
     retrieved: bool = False
@@ -310,62 +317,110 @@ class RankingLogic:
 
     def rank_batch(self, requests: Sequence[RankRequest]) -> list[RankResponse]:
         """Rank every request; one frame and one scoring call per group of requests with distinct ids."""
-        prepared = [self._prepare(request) for request in requests]
-        ranked: list[pd.DataFrame | None] = [None] * len(prepared)
+        prepared = self._prepare(requests)
+        ranked: list[list[RankedProduct]] = [[] for _ in prepared]
         for group in _distinct_qid_groups(prepared):
-            scored = self._score([prepared[i] for i in group])
-            by_qid = dict(tuple(scored.groupby("qid", sort=False))) if len(scored) else {}
+            members = [prepared[i] for i in group]
+            by_qid = _top_products(self._score(members), max(p.request.k for p in members))
             for i in group:
-                ranked[i] = by_qid.get(prepared[i].example.qid)
+                ranked[i] = by_qid.get(prepared[i].example.qid, [])[: prepared[i].request.k]
         return [self._response(p, r) for p, r in zip(prepared, ranked, strict=True)]
 
-    def _prepare(self, request: RankRequest) -> _Prepared:
-        """Context, candidates and feature rows of one request, with one store read when it gives candidates
-        (two when they are retrieved: the history must be known first)."""
-        unknown: list[str] = []
-        duplicates: list[str] = []
-        candidates = None
-        if request.candidates is not None:
-            candidates, unknown, duplicates = _known_candidates(request.candidates, self.ranker.titles)
-        reasons: list[str] = []
-        user: dict[str, Any] = {}
-        products = None
-        store_up = self.store is not None
-        if self.store is None:
-            reasons.append("no online feature store configured: answered without store features")
-        elif request.user_id is not None or candidates:
-            try:
-                user, products = self.store.lookup(request.user_id, candidates or [])
-            except ServiceUnavailable as exc:
-                store_up = False
-                reasons.append(f"{UNAVAILABLE}: {exc}")
-        history = _history(request, user)
-        if request.user_id is not None and not history and not store_up and request.history is None:
-            reasons.append("the user's history could not be read: ranked as a new user")
-        context = Context(query=request.query, user_id=request.user_id, history=history)
+    def _prepare(self, requests: Sequence[RankRequest]) -> list[_Prepared]:
+        """Context, candidates and feature rows of each request, with one store read for the batch when the
+        requests give their candidates, two when some are retrieved (a user's history must be known first).
 
-        if candidates is None:
-            candidates = retrieve_candidates(self.ranker, context, self.retrieve_k)
-            if store_up and self.store is not None and candidates:
-                try:
-                    _, products = self.store.lookup(None, candidates)
-                except ServiceUnavailable as exc:
-                    reasons.append(f"{UNAVAILABLE}: {exc}")
-        example = RankingExample(context=context, candidates=candidates)
-        features = None
-        if products is not None and candidates:
-            features = online_feature_frame(example.qid, user, products)
-        return _Prepared(
-            request=request,
-            example=example,
-            features=features,
-            reasons=reasons,
-            cold_start=request.user_id is not None and not history,
-            retrieved=request.candidates is None,
-            unknown=unknown,
-            notes=self._query_notes(request.query),
-            duplicates=duplicates,
-        )
+        When a read fails, the requests it was for are answered without the store's features, and the
+        batch does not read the store again.
+        """
+        count = len(requests)
+        given: list[list[str] | None] = [None] * count
+        unknown: list[list[str]] = [[] for _ in requests]
+        duplicates: list[list[str]] = [[] for _ in requests]
+        for i, request in enumerate(requests):
+            if request.candidates is not None:
+                known = _known_candidates(request.candidates, self.ranker.titles)
+                given[i], unknown[i], duplicates[i] = known
+        reasons: list[list[str]] = [[] for _ in requests]
+        users: list[dict[str, Any] | None] = [None] * count
+        products: list[Mapping[str, Any] | None] = [None] * count
+        store_error: str | None = None
+        first: list[int] = []
+        if self.store is None:
+            for notes in reasons:
+                notes.append("no online feature store configured: answered without store features")
+        else:
+            first = [i for i, r in enumerate(requests) if r.user_id is not None or given[i]]
+            store_error = self._read_store(
+                first, [(requests[i].user_id, given[i] or []) for i in first], users, products, reasons
+            )
+        contexts = []
+        for i, request in enumerate(requests):
+            history = _history(request, users[i] or {})
+            if request.user_id is not None and not history and users[i] is None and request.history is None:
+                reasons[i].append("the user's history could not be read: ranked as a new user")
+            contexts.append(Context(query=request.query, user_id=request.user_id, history=history))
+
+        candidates = list(given)
+        retrieving = [i for i in range(count) if given[i] is None]
+        for i in retrieving:
+            candidates[i] = retrieve_candidates(self.ranker, contexts[i], self.retrieve_k)
+        second = [i for i in retrieving if candidates[i]]
+        if self.store is not None and second:
+            if store_error is not None:  # the first read failed: told already, or told now
+                for i in set(second) - set(first):
+                    reasons[i].append(f"{UNAVAILABLE}: {store_error}")
+            else:
+                # the user was read with the first read; an anonymous request gets the store's defaults
+                lookups = [(None, candidates[i] or []) for i in second]
+                found: list[dict[str, Any] | None] = [None] * count
+                self._read_store(second, lookups, found, products, reasons)
+                for i in second:
+                    users[i] = users[i] if users[i] is not None else found[i]
+
+        out = []
+        for i, request in enumerate(requests):
+            example = RankingExample(context=contexts[i], candidates=candidates[i] or [])
+            features = None
+            if products[i] is not None and example.candidates:
+                user = users[i] or {}
+                features = online_feature_columns(example.qid, user, example.candidates, products[i])
+            out.append(
+                _Prepared(
+                    request=request,
+                    example=example,
+                    features=features,
+                    reasons=reasons[i],
+                    cold_start=request.user_id is not None and not contexts[i].history,
+                    retrieved=request.candidates is None,
+                    unknown=unknown[i],
+                    notes=self._query_notes(request.query),
+                    duplicates=duplicates[i],
+                )
+            )
+        return out
+
+    def _read_store(
+        self,
+        rows: Sequence[int],
+        lookups: Sequence[Lookup],
+        users: list[dict[str, Any] | None],
+        products: list[Mapping[str, Any] | None],
+        reasons: list[list[str]],
+    ) -> str | None:
+        """One read of the store for the requests at `rows`; their answers go to `users` and `products`. On
+        failure each of them is told why, and the error is returned."""
+        if not rows or self.store is None:
+            return None
+        try:
+            answers = self.store.lookup_batch(lookups)
+        except ServiceUnavailable as exc:
+            for i in rows:
+                reasons[i].append(f"{UNAVAILABLE}: {exc}")
+            return str(exc)
+        for i, (user, columns) in zip(rows, answers, strict=True):
+            users[i], products[i] = user, columns
+        return None
 
     def _query_notes(self, query: str | None) -> list[str]:
         """A note when the text models read only the start of a long query (their token limit)."""
@@ -389,35 +444,13 @@ class RankingLogic:
         if not examples:
             return pd.DataFrame(columns=["qid", "product_id", "score", "rank"])
         parts = [p.features for p in prepared if p.features is not None and p.example.candidates]
-        features = pd.concat(parts, ignore_index=True) if parts else None
+        features = concat_columns(parts) if parts else None
         frame = self.ranker.frame(examples, features, rerank_k=self.rerank_k)
         # contributions of the products the answers list only (a LambdaMART's cost most per row)
         explain_top = max(p.request.k for p in prepared)
         return self.ranker.score(frame, rerank_k=self.rerank_k, explain_top=explain_top)
 
-    def _response(self, prepared: _Prepared, scored: pd.DataFrame | None) -> RankResponse:
-        results: list[RankedProduct] = []
-        if scored is not None:
-            top = scored.head(prepared.request.k)
-            columns = [c for c in top.columns if c.startswith(CONTRIBUTION_PREFIX)]
-            names = [c.removeprefix(CONTRIBUTION_PREFIX) for c in columns]
-            # whole columns at once: row by row (`to_dict("records")`) was most of the response's cost
-            contributions = top[columns].to_numpy(dtype=float).tolist()
-            for product, rank, score, parts in zip(
-                top["product_id"].astype(str).tolist(),
-                top["rank"].to_numpy(dtype=int).tolist(),
-                top["score"].to_numpy(dtype=float).tolist(),
-                contributions,
-                strict=True,
-            ):
-                results.append(
-                    RankedProduct(
-                        product_id=product,
-                        rank=rank,
-                        score=score,
-                        contributions=dict(zip(names, parts, strict=True)),
-                    )
-                )
+    def _response(self, prepared: _Prepared, results: list[RankedProduct]) -> RankResponse:
         return RankResponse(
             results=results,
             model=self.model,
@@ -429,6 +462,34 @@ class RankingLogic:
             duplicate_candidates=prepared.duplicates,
             notes=prepared.notes,
         )
+
+
+def _top_products(scored: pd.DataFrame, k: int) -> dict[str, list[RankedProduct]]:
+    """Each query's top `k` rows of a scored frame (sorted by qid, then rank) as ranked products.
+
+    Whole columns at once, for the batch: row by row (`to_dict("records")`), or a frame per query, was most
+    of a response's cost."""
+    if not len(scored):
+        return {}
+    top = scored[scored["rank"].to_numpy() <= k]
+    columns = [c for c in top.columns if c.startswith(CONTRIBUTION_PREFIX)]
+    names = [c.removeprefix(CONTRIBUTION_PREFIX) for c in columns]
+    qids = top["qid"].astype(str).tolist()
+    rows = zip(
+        top["product_id"].astype(str).tolist(),
+        top["rank"].to_numpy(dtype=int).tolist(),
+        top["score"].to_numpy(dtype=float).tolist(),
+        top[columns].to_numpy(dtype=float).tolist(),
+        strict=True,
+    )
+    answers: dict[str, list[RankedProduct]] = {}
+    for qid, (product, rank, score, parts) in zip(qids, rows, strict=True):
+        answers.setdefault(qid, []).append(
+            RankedProduct(
+                product_id=product, rank=rank, score=score, contributions=dict(zip(names, parts, strict=True))
+            )
+        )
+    return answers
 
 
 def _known_candidates(
@@ -606,16 +667,45 @@ def online_feature_frame(qid: str, user: Mapping[str, Any], products: pd.DataFra
 
     Numeric features only (the fusion reads numbers); user features are repeated on every product row.
     """
-    rows = len(products)
-    columns: dict[str, Any] = {
+    ids = products["product_id"].astype(str).tolist()
+    return pd.DataFrame(online_feature_columns(qid, user, ids, products))
+
+
+def online_feature_columns(
+    qid: str, user: Mapping[str, Any], product_ids: Sequence[str], products: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """The columns of `online_feature_frame` for one request, from the products' feature columns (aligned
+    with `product_ids`; a `product_id` column among them is skipped): arrays, no DataFrame."""
+    rows = len(product_ids)
+    columns: dict[str, np.ndarray] = {
         "qid": np.full(rows, qid, dtype=object),
-        "product_id": products["product_id"].astype(str).to_numpy(dtype=object),
+        "product_id": np.array([str(p) for p in product_ids], dtype=object),
     }
-    for name in products.columns:
-        if name != "product_id" and pd.api.types.is_numeric_dtype(products[name]):
-            columns[f"{FEATURE_PREFIX}{name}"] = products[name].to_numpy(dtype=float, na_value=np.nan)
+    for name in products:
+        values = products[name]
+        if name != "product_id" and pd.api.types.is_numeric_dtype(values):
+            if isinstance(values, np.ndarray):
+                columns[f"{FEATURE_PREFIX}{name}"] = values.astype(float)
+            else:
+                columns[f"{FEATURE_PREFIX}{name}"] = values.to_numpy(dtype=float, na_value=np.nan)
     for name, value in user.items():
         if isinstance(value, int | float | np.number) and not isinstance(value, bool):
             columns[f"{FEATURE_PREFIX}{name}"] = np.full(rows, float(value))
-    # one construction: inserting the columns one by one cost about a millisecond a request
+    return columns
+
+
+def concat_columns(parts: Sequence[Mapping[str, np.ndarray]]) -> pd.DataFrame:
+    """The rows of several requests' feature columns as one frame, built once (NaN where a request lacks a
+    column): `pd.concat` of a DataFrame per request cost about a millisecond a request."""
+    names = list(dict.fromkeys(name for part in parts for name in part))
+    columns = {}
+    for name in names:
+        pieces = []
+        for part in parts:
+            piece = part.get(name)
+            if piece is None:
+                rows = len(part["product_id"])
+                piece = np.full(rows, None if name in ("qid", "product_id") else np.nan)
+            pieces.append(piece)
+        columns[name] = np.concatenate(pieces)
     return pd.DataFrame(columns)
