@@ -431,6 +431,10 @@ class RankingLogic:
         if not models:
             return []
         limit = min(int(m.max_length) for m in models)
+        # a token covers at least one byte of the text (WordPiece and byte-level BPE alike): a query of at
+        # most `limit - 2` bytes fits beside the two special tokens, and is not tokenized a second time here
+        if len(query.encode("utf-8")) <= limit - 2:
+            return []
         tokens = len(models[0].tokenizer(query, add_special_tokens=True)["input_ids"])
         if tokens <= limit:
             return []
