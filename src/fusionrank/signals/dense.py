@@ -117,8 +117,9 @@ class DenseSignal:
         if missing:
             if getattr(self.encoder, "quantized", False):
                 # int8 dynamic quantization scales activations per batch: one text per pass keeps a
-                # request's score independent of the requests batched with it
-                new = np.concatenate([self.encoder.encode([t]) for t in missing])
+                # request's score independent of the requests batched with it (tokenized together, each
+                # pass at the text's own length, so each vector is the one a text alone gets)
+                new = self.encoder.encode(missing, batch_size=1)
             else:
                 new = self.encoder.encode(missing)
             with self._lock:
