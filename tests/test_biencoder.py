@@ -227,6 +227,63 @@ def test_a_sampled_run_embeds_every_candidate_then_a_draw_of_the_catalog(product
     assert embed_ids(tables, frames, max_products=6, seed=0) == ids
 
 
+def test_each_context_scores_the_catalog_alike_alone_or_in_a_batch() -> None:
+    """The exact search's matrix product: each column the same whatever the others (BLAS's matrix-vector
+    kernel rounds otherwise), so batched retrieval is the retrieval of each context alone."""
+    from fusionrank.signals.dense import catalog_scores
+
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((20_000, 384)).astype(np.float32)
+    vectors = rng.standard_normal((33, 384)).astype(np.float32)
+    alone = [catalog_scores(embeddings, vectors[i : i + 1])[:, 0] for i in range(len(vectors))]
+    for size in (2, 3, 8, 17, 33):
+        together = catalog_scores(embeddings, vectors[:size])
+        for i in range(size):
+            assert np.array_equal(together[:, i], alone[i]), (size, i)
+
+
+def test_batched_retrieval_answers_as_each_context_alone(tiny: Path, products: pd.DataFrame) -> None:
+    from fusionrank.ranker import Ranker
+    from fusionrank.serving_logic import retrieve_candidates, retrieve_candidates_batch
+    from fusionrank.signals.bm25 import BM25Signal
+    from fusionrank.signals.popularity import PopularitySignal
+
+    dense = DenseSignal.build(BiEncoder.load(tiny), products)
+    contexts = [
+        Context(query="drill"),
+        Context(user_id="u", history=("p0", "p1")),
+        Context(user_id="v"),  # no text: no dense hits
+        Context(query="paint roller", user_id="w", history=("p3",)),
+        Context(query="drill"),
+    ]
+    # fp32 encodes the batch's texts together (their vectors differ from single passes by rounding only)
+    batched = dense.retrieve_batch(contexts, 5)
+    for found, context in zip(batched, contexts, strict=True):
+        alone = dataclasses.replace(dense).retrieve(context, 5)  # an empty cache: encoded alone
+        assert [pid for pid, _ in found] == [pid for pid, _ in alone]
+        np.testing.assert_allclose([v for _, v in found], [v for _, v in alone], rtol=1e-5)
+    # int8, as served on a CPU, encodes each text in its own pass: the same figures exactly
+    dense.encoder = BiEncoder.load(tiny).int8()
+    quantized = dataclasses.replace(dense).retrieve_batch(contexts, 5)
+    assert quantized == [dataclasses.replace(dense).retrieve(c, 5) for c in contexts]
+    assert batched[2] == []
+    assert not {"p0", "p1"} & {pid for pid, _ in batched[1]}  # a user's history is left out
+
+    counts = pd.DataFrame(
+        {"query": [f"q{i}" for i in range(20)], "product_id": [f"p{i % 5}" for i in range(20)]}
+    )
+    signals = {
+        "bm25": BM25Signal.fit(products),
+        "dense": dense,
+        "popularity": PopularitySignal.fit_judgments(counts),
+    }
+    titles = dict(zip(products["product_id"], products["title"], strict=True))
+    ranker = Ranker(Path("."), {"serving": {"hybrid_k": 3}}, signals, {}, titles)
+    assert retrieve_candidates_batch(ranker, contexts, 4) == [
+        retrieve_candidates(ranker, c, 4) for c in contexts
+    ]
+
+
 def test_the_server_adds_the_dense_top_k_to_bm25_candidates_as_the_pipeline_did(
     tiny: Path, products: pd.DataFrame
 ) -> None:

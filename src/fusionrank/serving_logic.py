@@ -363,8 +363,9 @@ class RankingLogic:
 
         candidates = list(given)
         retrieving = [i for i in range(count) if given[i] is None]
-        for i in retrieving:
-            candidates[i] = retrieve_candidates(self.ranker, contexts[i], self.retrieve_k)
+        retrieved = retrieve_candidates_batch(self.ranker, [contexts[i] for i in retrieving], self.retrieve_k)
+        for i, found in zip(retrieving, retrieved, strict=True):
+            candidates[i] = found
         second = [i for i in retrieving if candidates[i]]
         if self.store is not None and second:
             if store_error is not None:  # the first read failed: told already, or told now
@@ -627,25 +628,26 @@ def retrieve_candidates(ranker: Ranker, context: Context, k: int) -> list[str]:
     retrieval: up to `k + hybrid_k` candidates); the most popular products fill the list up to `k`, so a
     cold-start user without a query gets popularity.
     """
+    return retrieve_candidates_batch(ranker, [context], k)[0]
+
+
+def retrieve_candidates_batch(ranker: Ranker, contexts: Sequence[Context], k: int) -> list[list[str]]:
+    """`retrieve_candidates` of each context; the dense retrieval of all of them in one pass over the
+    product embeddings (`DenseSignal.retrieve_batch`), the part whose cost a batch shares."""
     from fusionrank.signals.bm25 import BM25Signal
     from fusionrank.signals.cf import ItemKNNSignal
-    from fusionrank.signals.dense import DenseSignal, dense_extras
+    from fusionrank.signals.dense import DenseSignal, dense_extras_batch
     from fusionrank.signals.popularity import PopularitySignal
 
     signals = list(ranker.signals.values())
-    primary: list[Any] = []
-    if context.query:
-        primary += [s for s in signals if isinstance(s, BM25Signal)][:1]
-    if context.history:
-        primary += [s for s in signals if isinstance(s, ItemKNNSignal)][:1]
+    bm25 = [s for s in signals if isinstance(s, BM25Signal)][:1]
+    item_knn = [s for s in signals if isinstance(s, ItemKNNSignal)][:1]
     popular = [s for s in signals if isinstance(s, PopularitySignal)]
     popular.sort(key=lambda s: (s.name != POPULARITY_NAME, s.name))
     dense = [s for s in signals if isinstance(s, DenseSignal)][:1]
     hybrid_k = int((ranker.manifest.get("serving") or {}).get("hybrid_k", 0))
 
-    picked: dict[str, None] = {}
-
-    def take(retriever: Any, limit: int, count: int) -> None:
+    def take(picked: dict[str, None], context: Context, retriever: Any, limit: int, count: int) -> None:
         # ask for more than missing: hits outside the catalog or already picked are skipped
         added = 0
         for pid, _ in retriever.retrieve(context, count + len(picked)):
@@ -655,15 +657,24 @@ def retrieve_candidates(ranker: Ranker, context: Context, k: int) -> list[str]:
                 picked[pid] = None
                 added += 1
 
-    for retriever in primary:
-        take(retriever, k, k)
-    if dense and hybrid_k and (context.query or context.history):
-        for pid in dense_extras(dense[0], context, set(picked), hybrid_k):
-            if pid in ranker.titles:
-                picked[pid] = None
-    for retriever in popular[:1]:
-        take(retriever, k, k)
-    return list(picked)
+    chosen: list[dict[str, None]] = []
+    for context in contexts:
+        picked: dict[str, None] = {}
+        for retriever in (bm25 if context.query else []) + (item_knn if context.history else []):
+            take(picked, context, retriever, k, k)
+        chosen.append(picked)
+    if dense and hybrid_k:
+        rows = [i for i, c in enumerate(contexts) if c.query or c.history]
+        texts, haves = [contexts[i] for i in rows], [chosen[i] for i in rows]
+        extras = dense_extras_batch(dense[0], texts, haves, hybrid_k)
+        for i, found in zip(rows, extras, strict=True):
+            for pid in found:
+                if pid in ranker.titles:
+                    chosen[i][pid] = None
+    for context, picked in zip(contexts, chosen, strict=True):
+        for retriever in popular[:1]:
+            take(picked, context, retriever, k, k)
+    return [list(picked) for picked in chosen]
 
 
 def online_feature_frame(qid: str, user: Mapping[str, Any], products: pd.DataFrame) -> pd.DataFrame:

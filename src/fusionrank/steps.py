@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -610,18 +610,27 @@ class _Memo:
             known = self.answers[context] = self.retriever.retrieve(context, max(k, RECALL_K))
         return known[:k]
 
+    def prefetch(self, contexts: Sequence[Context], k: int) -> None:
+        """Answer `contexts` ahead, together where the retriever can (a dense one's `retrieve_batch`)."""
+        batch = getattr(self.retriever, "retrieve_batch", None)
+        missing = [c for c in dict.fromkeys(contexts) if c not in self.answers]
+        if batch is not None and missing:
+            self.answers.update(zip(missing, batch(missing, max(k, RECALL_K)), strict=True))
+
 
 def recall_generators(
-    first, first_name: str, dense, hybrid_k: int, k: int = RECALL_K
+    first, first_name: str, dense, hybrid_k: int, k: int = RECALL_K, contexts: Sequence[Context] = ()
 ) -> dict[str, Callable[[Context], list[str]]]:
     """The candidate generators the evaluation report compares: the first-stage retriever's top `k`, the
     dense retriever's, the two fused by reciprocal rank at the same budget, and, with `hybrid_k`, the
     hybrid candidates as the pipeline and the server build them (the top `k` plus the dense top
-    `hybrid_k` that it missed: up to `k + hybrid_k` products)."""
+    `hybrid_k` that it missed: up to `k + hybrid_k` products). The dense retriever answers `contexts`, the
+    requests to come, in one batch."""
     from fusionrank.signals.dense import dense_extras, fused_retrieve
 
     # every generator asks the same two retrievers about the same context: ask each once
     first, dense = _Memo(first), _Memo(dense)
+    dense.prefetch(contexts, k)
 
     def top(retriever) -> Callable[[Context], list[str]]:
         return lambda context: [pid for pid, _ in retriever.retrieve(context, k)]
@@ -733,7 +742,10 @@ def biencoder_step(
         qrels = pd.read_parquet(Path(scored_dir) / f"{which}_qrels.parquet")
         examples = examples_from_frames(frame, contexts, qrels)
         first = retriever if mode == "search" else FallbackRetriever(retriever, popular)
-        generators = recall_generators(first, retriever.name, dense, hybrid_k if mode == "search" else 0)
+        hybrid = hybrid_k if mode == "search" else 0
+        generators = recall_generators(
+            first, retriever.name, dense, hybrid, contexts=[e.context for e in examples]
+        )
         recall[which] = generator_recall(examples, generators)
         for name, value in recall[which].items():
             figures[f"{which}_recall@{RECALL_K}_{name}"] = value
@@ -771,14 +783,15 @@ def _add_dense_candidates(
 ) -> pd.DataFrame:
     """`frame` with each request's dense top `hybrid_k` that it lacks, every signal computed for them."""
     from fusionrank.ranker import bert_scores
-    from fusionrank.signals.dense import dense_extras
+    from fusionrank.signals.dense import dense_extras_batch
 
-    added = []
-    for example in examples:
-        have = set(example.candidates)
-        extra = dense_extras(dense, example.context, have, hybrid_k)
-        if extra:
-            added.append(RankingExample(example.context, extra, example.gains))
+    haves = [set(example.candidates) for example in examples]
+    extras = dense_extras_batch(dense, [example.context for example in examples], haves, hybrid_k)
+    added = [
+        RankingExample(example.context, extra, example.gains)
+        for example, extra in zip(examples, extras, strict=True)
+        if extra
+    ]
     if not added:
         return frame
     traditional = {name: s for name, s in signals.items() if name != dense.name}

@@ -31,6 +31,9 @@ from fusionrank.context import Context
 from fusionrank.errors import DataError
 from fusionrank.signals.base import ProductIndex, read_meta, top_k, write_meta
 
+# contexts whose retrieval shares one pass over the embeddings (the scores take 4 bytes x products each)
+RETRIEVE_BATCH = 32
+
 KIND = "dense"
 MODEL_DIR = "model"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -152,10 +155,26 @@ class DenseSignal:
     def retrieve(self, context: Context, k: int) -> list[tuple[str, float]]:
         """The `k` embedded products nearest the context (exact inner product), best first; a user's own
         history is left out. None for a context without text."""
-        vector = self.context_vectors([context])[0]
-        if np.isnan(vector).any() or k <= 0:
-            return []
-        return top_k(self.embeddings @ vector, k, self.index, exclude=context.history)
+        return self.retrieve_batch([context], k)[0]
+
+    def retrieve_batch(self, contexts: Sequence[Context], k: int) -> list[list[tuple[str, float]]]:
+        """`retrieve` for each context, with one pass over the product embeddings for all of them.
+
+        The exact search reads every embedding (the catalog's matrix, 84 MB for Home Depot) for each query:
+        a matrix-vector product bound by memory bandwidth. One matrix product for a batch of contexts
+        reads it once: on this 2-core CPU, 5 contexts took 13.7 ms together against 6.4 ms each.
+        """
+        found: list[list[tuple[str, float]]] = [[] for _ in contexts]
+        if k <= 0 or not contexts:
+            return found
+        vectors = self.context_vectors(contexts)
+        present = np.flatnonzero(~np.isnan(vectors).any(axis=1))
+        for start in range(0, len(present), RETRIEVE_BATCH):
+            rows = present[start : start + RETRIEVE_BATCH]
+            scores = catalog_scores(self.embeddings, vectors[rows])
+            for column, row in enumerate(rows):
+                found[row] = top_k(scores[:, column], k, self.index, exclude=contexts[row].history)
+        return found
 
     def save(self, directory: str | Path) -> Path:
         directory = write_meta(
@@ -205,12 +224,35 @@ class DenseSignal:
         )
 
 
+def catalog_scores(embeddings: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """[products, len(vectors)]: the inner product of every product with each vector.
+
+    Always a matrix-matrix product of at least two columns: BLAS's matrix-vector kernel rounds differently
+    from its matrix-matrix one (by about 1e-6 here), while each column of a matrix product comes out the
+    same whatever the other columns are (OpenBLAS; a test checks it). So a context vector retrieves the
+    same products alone, in a server's batch and in the pipeline's evaluation (int8 context vectors are
+    themselves encoded one text per pass; fp32 ones encoded together differ by rounding only).
+    """
+    if len(vectors) == 1:
+        return (embeddings @ np.vstack([vectors, vectors]).T)[:, :1]
+    return embeddings @ vectors.T
+
+
 def dense_extras(dense: DenseSignal, context: Context, have: Collection[str], hybrid_k: int) -> list[str]:
     """What hybrid retrieval adds to a first stage's candidates `have`: the dense top `hybrid_k` for
     `context` that it lacks (the pipeline's evaluation candidates and the server's are built this way)."""
+    return dense_extras_batch(dense, [context], [have], hybrid_k)[0]
+
+
+def dense_extras_batch(
+    dense: DenseSignal, contexts: Sequence[Context], haves: Sequence[Collection[str]], hybrid_k: int
+) -> list[list[str]]:
+    """`dense_extras` of each context, with one pass over the embeddings (`DenseSignal.retrieve_batch`)."""
     if hybrid_k <= 0:
-        return []
-    return [pid for pid, _ in dense.retrieve(context, hybrid_k) if pid not in have]
+        return [[] for _ in contexts]
+    batch = getattr(dense, "retrieve_batch", None)
+    hits = batch(contexts, hybrid_k) if batch else [dense.retrieve(c, hybrid_k) for c in contexts]
+    return [[pid for pid, _ in found if pid not in have] for found, have in zip(hits, haves, strict=True)]
 
 
 def fused_retrieve(
