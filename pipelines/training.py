@@ -113,7 +113,7 @@ def training_pipeline(
     embed_max_products: int = 0,
     hybrid_k: int = 20,
     int8_serving: bool = True,
-    rerank_k_cpu: int = 10,
+    rerank_k_cpu: int = 0,
     rerank_k_gpu: int = -1,
     cascade_k: int = 20,
     gate_config: dict = DEFAULT_GATE,
