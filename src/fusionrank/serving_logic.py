@@ -374,10 +374,10 @@ class RankingLogic:
             else:
                 # the user was read with the first read; an anonymous request gets the store's defaults
                 lookups = [(None, candidates[i] or []) for i in second]
-                found: list[dict[str, Any] | None] = [None] * count
-                self._read_store(second, lookups, found, products, reasons)
+                defaults: list[dict[str, Any] | None] = [None] * count
+                self._read_store(second, lookups, defaults, products, reasons)
                 for i in second:
-                    users[i] = users[i] if users[i] is not None else found[i]
+                    users[i] = users[i] if users[i] is not None else defaults[i]
 
         out = []
         for i, request in enumerate(requests):

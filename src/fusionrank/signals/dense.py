@@ -228,10 +228,10 @@ def catalog_scores(embeddings: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """[products, len(vectors)]: the inner product of every product with each vector.
 
     Always a matrix-matrix product of at least two columns: BLAS's matrix-vector kernel rounds differently
-    from its matrix-matrix one (by about 1e-6 here), while each column of a matrix product comes out the
-    same whatever the other columns are (OpenBLAS; a test checks it). So a context vector retrieves the
-    same products alone, in a server's batch and in the pipeline's evaluation (int8 context vectors are
-    themselves encoded one text per pass; fp32 ones encoded together differ by rounding only).
+    from its matrix-matrix one (in the last bits of a float32), while each column of a matrix product
+    comes out the same whatever the other columns are (OpenBLAS; a test checks it). So a context vector
+    retrieves the same products alone, in a server's batch and in the pipeline's evaluation (int8 context
+    vectors are themselves encoded one text per pass; fp32 ones encoded together differ by rounding only).
     """
     if len(vectors) == 1:
         return (embeddings @ np.vstack([vectors, vectors]).T)[:, :1]
