@@ -213,6 +213,49 @@ def test_hybrid_retrieval_fuses_ranks_and_recall_counts_every_judged_product() -
     assert generator_recall(examples, generators)["hybrid@3+2"] == pytest.approx(2 / 3)
 
 
+class ByQuery:
+    """A dense retriever whose answer depends on the query, answering batches only (`retrieve_batch`)."""
+
+    name = "dense"
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.batches: list[list[str]] = []
+
+    def retrieve(self, context: Context, k: int) -> list[tuple[str, float]]:
+        raise AssertionError("every context was prefetched in one batch")
+
+    def retrieve_batch(self, contexts: list[Context], k: int) -> list[list[tuple[str, float]]]:
+        self.batches.append([str(c.query) for c in contexts])
+        return [[(pid, 1.0) for pid in self.answers[str(c.query)][:k]] for c in contexts]
+
+
+def test_recall_prefetches_the_dense_answers_of_every_request_in_one_batch() -> None:
+    from fusionrank.steps import recall_generators
+
+    answers = {"q": ["c", "d", "a"], "r": ["x", "y", "z"], "s": ["d", "z", "b"]}
+    examples = [RankingExample(Context(query=q), ["a"], {"d": 1.0, "z": 1.0}) for q in ("q", "r", "s", "q")]
+    contexts = [e.context for e in examples]
+    batched = ByQuery(answers)
+    generators = recall_generators(Fixed(["a", "b"]), "lexical", batched, hybrid_k=2, k=2, contexts=contexts)
+    recall = generator_recall(examples, generators)
+    assert batched.batches == [["q", "r", "s"]]  # each distinct context once, in one batch
+    # the same figures as a retriever asked context by context
+    single = {q: Fixed(ids) for q, ids in answers.items()}
+
+    class PerContext:
+        name = "dense"
+
+        def retrieve(self, context: Context, k: int) -> list[tuple[str, float]]:
+            return single[str(context.query)].retrieve(context, k)
+
+    expected = generator_recall(
+        examples, recall_generators(Fixed(["a", "b"]), "lexical", PerContext(), 2, k=2)
+    )
+    assert recall == pytest.approx(expected)
+    assert recall["dense"] == pytest.approx((1 / 2 + 0 + 1 + 1 / 2) / 4)  # q: d; r: none; s: d and z
+
+
 def test_a_sampled_run_embeds_every_candidate_then_a_draw_of_the_catalog(products: pd.DataFrame) -> None:
     from fusionrank.data.contract import Tables
 

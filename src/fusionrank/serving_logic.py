@@ -710,17 +710,14 @@ def online_feature_columns(
 
 
 def concat_columns(parts: Sequence[Mapping[str, np.ndarray]]) -> pd.DataFrame:
-    """The rows of several requests' feature columns as one frame, built once (NaN where a request lacks a
-    column): `pd.concat` of a DataFrame per request cost about a millisecond a request."""
+    """The rows of several requests' feature columns (`online_feature_columns`: each has qid and product_id)
+    as one frame, built once, NaN where a request lacks a feature: `pd.concat` of a DataFrame per request
+    cost about a millisecond a request."""
     names = list(dict.fromkeys(name for part in parts for name in part))
-    columns = {}
-    for name in names:
-        pieces = []
-        for part in parts:
-            piece = part.get(name)
-            if piece is None:
-                rows = len(part["product_id"])
-                piece = np.full(rows, None if name in ("qid", "product_id") else np.nan)
-            pieces.append(piece)
-        columns[name] = np.concatenate(pieces)
+    columns = {
+        name: np.concatenate(
+            [part[name] if name in part else np.full(len(part["qid"]), np.nan) for part in parts]
+        )
+        for name in names
+    }
     return pd.DataFrame(columns)
