@@ -27,9 +27,11 @@ row's candidates (mean over requests; every candidate, i.e. up to 100 + hybrid_k
 Latency (unless --no-latency): for each rerank_k x int8 on/off, the run's Bento is served with
 `bentoml serve` on 127.0.0.1 (FUSIONRANK_RERANK_K, FUSIONRANK_INT8, BENTOML_HOME = RUN_DIR/../../bentoml)
 and loaded from 10 concurrent clients with the test split's requests (search: the query alone, so the
-server retrieves its hybrid candidates; recommendation: user, history and the protocol's candidate list),
-k=10, after a warm-up. Each phase is bounded by --requests and --max-seconds, and the sweep by
---budget-minutes per dataset. The load average is printed with every figure: the machine is shared.
+server retrieves its hybrid candidates; recommendation: user, history and the protocol's candidate list,
+or with --history store the user and candidates only, so the server reads the history from the feature
+store and the bi-encoder's precomputed vector of it), k=10, after a warm-up. Each phase is bounded by
+--requests and --max-seconds, and the sweep by --budget-minutes per dataset. The load average is printed
+with every figure: the machine is shared.
 
 The default CPU budget chosen: the config with the best NDCG@10 whose p99 is under --p99-target-ms.
 """
@@ -448,9 +450,11 @@ def _is_search(paths: RunPaths) -> bool:
 # -- latency --------------------------------------------------------------------------------------------
 
 
-def test_requests(paths: RunPaths) -> tuple[list[dict], dict[str, Any]]:
+def test_requests(paths: RunPaths, history_source: str) -> tuple[list[dict], dict[str, Any]]:
     """POST /rank bodies for the test split: search sends the query alone (the server retrieves hybrid
-    candidates); recommendation sends user, history and the request's protocol candidate list."""
+    candidates); recommendation sends user, history and the request's protocol candidate list, or with
+    `history_source="store"` the user and candidates alone, so the server reads the history from the feature
+    store (the user's latest, which includes the held-out event: a latency figure, not a quality one)."""
     from fusionrank.champion import read_split_frames
 
     frame, contexts, _ = read_split_frames(paths.dense, "test")
@@ -475,8 +479,14 @@ def test_requests(paths: RunPaths) -> tuple[list[dict], dict[str, Any]]:
                 body["user_id"] = str(row.user_id)
             if not body["history"] and "user_id" not in body:
                 continue
+            if history_source == "store":
+                if "user_id" not in body:
+                    continue
+                del body["history"]
             requests.append(body)
     kind = "query only, server retrieves" if search else "user_id + history + protocol candidates"
+    if not search and history_source == "store":
+        kind = "user_id + protocol candidates, history from the store"
     return requests, {"requests": len(requests), "kind": kind, "histories_truncated": truncated}
 
 
@@ -542,7 +552,7 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
         return {"skipped": f"no BentoML home at {paths.bentoml_home}"}
     manifest = json.loads((paths.bundle / "manifest.json").read_text()) if paths.bundle else {}
     serving = manifest.get("serving") or {}
-    requests, request_info = test_requests(paths)
+    requests, request_info = test_requests(paths, args.history)
     if not requests:
         return {"skipped": "no test requests"}
     retrieve_k = args.retrieve_k if args.retrieve_k is not None else evaluated_retrieve_k(paths)
@@ -906,6 +916,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     )
     parser.add_argument(
         "--only", action="append", help="serve only this config (repeatable), e.g. --only 'int8 k=0'"
+    )
+    parser.add_argument(
+        "--history",
+        choices=["request", "store"],
+        default="request",
+        help="recommendation requests send the test split's history (default), or only the user, so the "
+        "server reads the user's history from the feature store",
     )
     parser.add_argument("--p99-target-ms", type=float, default=100.0)
     parser.add_argument("--fp32-check-requests", type=int, default=10, help="fp32 recompute check (0: off)")

@@ -23,6 +23,7 @@ def finetune_biencoder(
     hybrid_k: int,
     int8: bool,
     seed: int,
+    user_vectors_max: int,
     all_signals: Output[Model],
     dense_frames: Output[Dataset],
     metrics: Output[Metrics],
@@ -50,6 +51,7 @@ def finetune_biencoder(
         seed,
         all_signals.path,
         dense_frames.path,
+        user_vectors_max,
     )
     for name, value in figures.items():
         metrics.log_metric(name.replace("@", "_at_"), value)

@@ -111,6 +111,7 @@ def training_pipeline(
     bi_learning_rate: float = 5e-5,
     bi_max_train_samples: int = 0,
     embed_max_products: int = 0,
+    user_vectors_max: int = -1,
     hybrid_k: int = 20,
     int8_serving: bool = True,
     rerank_k_cpu: int = 0,
@@ -211,6 +212,7 @@ def training_pipeline(
             hybrid_k=hybrid_k,
             int8=int8_serving,
             seed=seed,
+            user_vectors_max=user_vectors_max,
         ).set_caching_options(True),
         HEAVY,
     )

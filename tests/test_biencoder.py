@@ -407,3 +407,56 @@ def test_a_context_is_encoded_once_for_retrieval_and_scoring(tiny: Path, product
     signal.score(Context(query="saw"), ["p0"])
     signal.score(context, ["p0"])
     assert encoded[2:] == [["saw"], ["drill"]]
+
+
+def test_precomputed_history_vectors_replace_the_encoder_for_their_texts_only(
+    tiny: Path, products: pd.DataFrame, tmp_path: Path
+) -> None:
+    signal = DenseSignal.build(BiEncoder.load(tiny), products, int8=True)
+    stored = Context(user_id="u", history=("p0", "p1"))
+    assert signal.precompute([stored, Context(user_id="v"), stored]) == 1  # distinct, non-empty texts
+    expected = signal.encoder.encode(signal.context_texts([stored]))[0]
+
+    # a server loads the signal int8; the stored user's text reads the full-precision vector
+    signal.save(tmp_path / "dense")
+    loaded = DenseSignal.load(tmp_path / "dense")
+    assert loaded.encoder.quantized
+    assert len(loaded.known) == 1
+    encoded: list[list[str]] = []
+    encode = loaded.encoder.encode
+
+    def counting(texts, *args, **kwargs):
+        encoded.append(list(texts))
+        return encode(texts, *args, **kwargs)
+
+    loaded.encoder.encode = counting
+    # the same history sent by another user, or read from the store, is the same text
+    same = Context(user_id="w", history=("p0", "p1"))
+    scores = loaded.score_batch([stored, same], [["p2", "p3"], ["p2"]])
+    assert encoded == []
+    np.testing.assert_allclose(scores[0], loaded.embeddings[[2, 3]] @ expected, rtol=1e-6)
+    hits = loaded.retrieve(stored, 3)
+    assert encoded == []
+    assert not {"p0", "p1"} & {pid for pid, _ in hits}
+
+    # a history that moved on since the model was built is encoded, by the server's own encoder
+    moved = Context(user_id="u", history=("p0", "p1", "p5"))
+    loaded.score(moved, ["p2"])
+    assert encoded == [loaded.context_texts([moved])]
+
+    # saving a signal without precomputed vectors leaves no stale files behind
+    signal.precompute([])
+    signal.save(tmp_path / "dense")
+    assert len(DenseSignal.load(tmp_path / "dense").known) == 0
+    assert not (tmp_path / "dense" / "context_vectors.npy").exists()
+
+
+def test_a_damaged_precomputed_vector_file_is_named(
+    tiny: Path, products: pd.DataFrame, tmp_path: Path
+) -> None:
+    signal = DenseSignal.build(BiEncoder.load(tiny), products)
+    signal.precompute([Context(user_id="u", history=("p0",)), Context(user_id="v", history=("p1",))])
+    signal.save(tmp_path / "dense")
+    np.save(tmp_path / "dense" / "context_vectors.npy", np.zeros((1, 3), dtype=np.float32))
+    with pytest.raises(DataError, match=r"context_vectors\.npy"):
+        DenseSignal.load(tmp_path / "dense")

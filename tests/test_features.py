@@ -409,6 +409,26 @@ def test_a_batch_lookup_reads_once_and_answers_as_single_lookups(
         pd.testing.assert_frame_equal(pd.DataFrame({"product_id": alone["product_id"], **columns}), alone)
 
 
+def test_latest_user_histories_are_the_histories_the_server_reads(
+    games: Tables, games_stores: dict[str, FeatureStoreInfo]
+) -> None:
+    from fusionrank.features import latest_user_histories
+    from fusionrank.serving_logic import RankRequest, _history
+
+    info = games_stores["local"]
+    histories = latest_user_histories(info)
+    assert len(histories) == games.interactions["user_id"].nunique()
+    last_event = games.interactions.groupby("user_id")["event_timestamp"].max()
+    times = [last_event[user] for user, _ in histories]
+    assert times == sorted(times, reverse=True)  # the most recently active first
+    features = OnlineFeatures.from_info(info)
+    for user, history in histories[:5] + histories[-5:]:
+        stored, _ = features.lookup(user, [])
+        assert history == _history(RankRequest(user_id=user, k=10), stored)
+    assert latest_user_histories(info, max_users=3) == histories[:3]
+    assert latest_user_histories(info, max_users=0) == []
+
+
 def test_the_product_cache_expires_rows_and_keeps_the_most_recent() -> None:
     now = [0.0]
     cache = ProductCache(10.0, max_products=2, clock=lambda: now[0])

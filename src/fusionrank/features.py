@@ -257,6 +257,27 @@ def user_feature_frame(interactions: pd.DataFrame, history_length: int = HISTORY
     return out
 
 
+def latest_user_histories(info: FeatureStoreInfo, max_users: int = -1) -> list[tuple[str, tuple[str, ...]]]:
+    """Each user's history as the online store holds it after this run's materialization: (user id, the
+    `user_recent_products` of their latest row, oldest first, as the server reads them), the most recently
+    active users first. `max_users` < 0 takes every user, 0 none."""
+    if max_users == 0:
+        return []
+    path = Path(info.repo_path) / "data" / f"{USER_VIEW}.parquet"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; the features step writes it")
+    rows = pd.read_parquet(path, columns=["user_id", "event_timestamp", "user_recent_products"])
+    # the latest row per user (rows of one user are in time order), newest users first
+    latest = rows.sort_values("event_timestamp", kind="stable").drop_duplicates("user_id", keep="last")
+    latest = latest.iloc[::-1]
+    if max_users > 0:
+        latest = latest.head(max_users)
+    return [
+        (str(user), tuple(str(p) for p in reversed(list(recent))))
+        for user, recent in zip(latest["user_id"], latest["user_recent_products"], strict=True)
+    ]
+
+
 def _empty_user_frame() -> pd.DataFrame:
     return pd.DataFrame(
         {

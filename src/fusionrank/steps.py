@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -670,6 +671,7 @@ def biencoder_step(
     seed: int,
     out_signals_dir: str,
     out_scored_dir: str,
+    user_vectors_max: int = -1,
 ) -> dict[str, float]:
     """Distil the fine-tuned cross-encoder into a bi-encoder; add the dense signal to the run.
 
@@ -680,6 +682,11 @@ def biencoder_step(
     `s_dense` for every candidate; with `hybrid_k` > 0 a search request's candidates also gain the dense
     retriever's top `hybrid_k` that BM25 missed (hybrid retrieval), scored by every signal. Returns training
     figures and recall@100 of each candidate generator and of their fusion, on valid and test.
+
+    The context vector of each user's history as the feature store holds it (the `user_vectors_max` most
+    recently active users; -1 every user, 0 none) is computed here too and saved with the signal
+    (`DenseSignal.precompute`): a served request that reads its history from the store then runs no
+    encoder. It is computed after the frames are scored, so the run's figures never read it.
     """
     import hashlib
     import shutil
@@ -721,8 +728,7 @@ def biencoder_step(
         ids = embed_ids(tables, [frame for frame, _ in frames.values()], embed_max_products, seed)
         dense = DenseSignal.build(BiEncoder.load(work), tables.products, ids, int8=int8)
     shutil.copytree(signals_dir, out_signals_dir, dirs_exist_ok=True)
-    dense.save(Path(out_signals_dir) / dense.name)
-    from fusionrank.features import write_product_embeddings
+    from fusionrank.features import latest_user_histories, write_product_embeddings
 
     version = "dense-" + hashlib.sha256(dense.embeddings.tobytes()).hexdigest()[:16]
     written = write_product_embeddings(read_store_info(store_dir), dense.index.ids, dense.embeddings, version)
@@ -761,6 +767,13 @@ def biencoder_step(
         frame.to_parquet(out / f"{which}.parquet", index=False)
         for extra in ("contexts", "qrels"):
             shutil.copy(Path(scored_dir) / f"{which}_{extra}.parquet", out / f"{which}_{extra}.parquet")
+    started = time.perf_counter()
+    histories = latest_user_histories(read_store_info(store_dir), user_vectors_max)
+    figures["precomputed_user_vectors"] = float(
+        dense.precompute([Context(user_id=user, history=history) for user, history in histories])
+    )
+    figures["precompute_user_vectors_seconds"] = time.perf_counter() - started
+    dense.save(Path(out_signals_dir) / dense.name)
     info = _read_json(Path(scored_dir) / "frames.json")
     info["signals"] = sorted({*info["signals"], dense.name})
     info["hybrid_k"] = hybrid_k if mode == "search" else 0

@@ -11,6 +11,12 @@ catalog: an approximate index (HNSW: hnswlib, usearch or faiss; or the vector se
 that offers it, over the `product_embedding` view) becomes worth its recall loss and build time once the
 exact scan's measured p99 no longer fits the retrieval budget (10 ms per request in issue #11).
 
+A user's context vector can also be computed ahead of the request (`precompute`, by the pipeline, for each
+user's history as the feature store holds it): a served recommendation then reads it instead of running the
+encoder, which for a 48-token history was half of a request's CPU time. The vectors are keyed by a digest
+of the context text, so a history that changed since the model was built (a new event in the store) simply
+misses and is encoded as before: a precomputed vector never stands for a text it was not computed from.
+
 A product without an embedding (new to the catalog since the model was built, or left out of a sampled run)
 and a request without any context text (a cold-start user without a query) score NaN: the fusion treats
 that as a missing value, so the other signals rank them, and `coverage` says how many products have one.
@@ -18,6 +24,7 @@ that as a missing value, so the other signals rank them, and `coverage` says how
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
@@ -38,9 +45,31 @@ KIND = "dense"
 MODEL_DIR = "model"
 EMBEDDINGS_FILE = "embeddings.npy"
 TITLES_FILE = "titles.parquet"
+KNOWN_VECTORS_FILE = "context_vectors.npy"
+KNOWN_KEYS_FILE = "context_keys.parquet"
 # Context vectors kept per signal: a served request encodes its text once for retrieval and scoring both,
 # and a repeated query or history is not encoded again.
 VECTOR_CACHE_SIZE = 4096
+
+
+def text_key(text: str) -> str:
+    """The key of a context text among the precomputed vectors (a digest: the bundle keeps no texts)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+@dataclass
+class KnownVectors:
+    """Context vectors computed ahead of requests, one row per distinct text, keyed by `text_key`."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, text: str) -> np.ndarray | None:
+        row = self.rows.get(text_key(text)) if self.rows else None
+        return None if row is None else self.vectors[row]
 
 
 @dataclass
@@ -55,6 +84,7 @@ class DenseSignal:
     int8: bool = False
     name: str = "dense"
     cache_size: int = VECTOR_CACHE_SIZE  # context vectors kept (see `_encode`); 0 keeps none
+    known: KnownVectors = field(default_factory=KnownVectors)  # see `precompute`
     _vectors: OrderedDict[str, np.ndarray] = field(
         default_factory=OrderedDict, init=False, repr=False, compare=False
     )
@@ -107,12 +137,30 @@ class DenseSignal:
             out = vectors[codes]
         return out
 
+    def precompute(self, contexts: Sequence[Context], batch_size: int = 256) -> int:
+        """Compute and keep the vector of each context's text (the distinct non-empty ones), with the encoder
+        as it is now: the pipeline's full-precision one, whatever a CPU server later loads. Returns how many
+        texts are kept. A request whose context text is one of them reads its vector instead of encoding."""
+        texts = [t for t in dict.fromkeys(self.context_texts(contexts)) if t.strip()]
+        vectors = self.encoder.encode(texts, batch_size=batch_size) if texts else None
+        if vectors is None:
+            self.known = KnownVectors()
+        else:
+            keys = {text_key(t): i for i, t in enumerate(texts)}
+            self.known = KnownVectors(keys, np.ascontiguousarray(vectors, dtype=np.float32))
+        return len(self.known)
+
     def _encode(self, texts: list[str]) -> np.ndarray:
-        """The encoder's vector of each (distinct, non-empty) text, from the cache where it has one."""
+        """The vector of each (distinct, non-empty) text: the precomputed one where there is one, else the
+        encoder's, from the cache where it has one."""
         found: dict[str, np.ndarray] = {}
+        for text in texts:
+            vector = self.known.get(text)
+            if vector is not None:
+                found[text] = vector
         with self._lock:
             for text in texts:
-                vector = self._vectors.get(text)
+                vector = None if text in found else self._vectors.get(text)
                 if vector is not None:
                     self._vectors.move_to_end(text)
                     found[text] = vector
@@ -185,8 +233,15 @@ class DenseSignal:
             dimension=int(self.embeddings.shape[1]),
             catalog_size=self.catalog_size,
             int8=self.int8,
+            known_contexts=len(self.known),
         )
         np.save(directory / EMBEDDINGS_FILE, self.embeddings.astype(np.float32))
+        for stale in (KNOWN_VECTORS_FILE, KNOWN_KEYS_FILE):
+            (directory / stale).unlink(missing_ok=True)
+        if len(self.known):
+            np.save(directory / KNOWN_VECTORS_FILE, self.known.vectors)
+            keys = sorted(self.known.rows, key=self.known.rows.__getitem__)
+            pd.DataFrame({"key": keys}).to_parquet(directory / KNOWN_KEYS_FILE, index=False)
         pd.DataFrame({"product_id": list(self.titles), "title": list(self.titles.values())}).to_parquet(
             directory / TITLES_FILE, index=False
         )
@@ -210,6 +265,16 @@ class DenseSignal:
         titles = dict(
             zip(titles_frame["product_id"].astype(str), titles_frame["title"].astype(str), strict=True)
         )
+        known = KnownVectors()
+        if meta.get("known_contexts", 0):
+            vectors = np.load(directory / KNOWN_VECTORS_FILE)
+            keys = pd.read_parquet(directory / KNOWN_KEYS_FILE)["key"].astype(str).tolist()
+            if vectors.shape != (len(keys), meta["dimension"]) or len(keys) != meta["known_contexts"]:
+                raise DataError(
+                    f"{directory / KNOWN_VECTORS_FILE}: shape {vectors.shape} for {len(keys)} keys, expected "
+                    f"({meta['known_contexts']}, {meta['dimension']})"
+                )
+            known = KnownVectors({k: i for i, k in enumerate(keys)}, vectors.astype(np.float32))
         wanted = meta.get("int8", False) if int8 is None else int8
         on_cpu = resolve_device(device).type == "cpu"
         encoder = BiEncoder.load(directory / MODEL_DIR, device=device, quantize=bool(wanted and on_cpu))
@@ -221,6 +286,7 @@ class DenseSignal:
             int(meta["catalog_size"]),
             bool(meta.get("int8", False)),
             meta["name"],
+            known=known,
         )
 
 
