@@ -385,16 +385,22 @@ def test_int8_scores_do_not_depend_on_the_requests_batched_alongside(
     assert np.array_equal(bert_scores(cross, [request], titles), bert_scores(cross, crowd, titles)[:2])
 
 
-def test_a_context_is_encoded_once_for_retrieval_and_scoring(tiny: Path, products: pd.DataFrame) -> None:
-    signal = DenseSignal.build(BiEncoder.load(tiny), products)
+def _record_encodes(signal: DenseSignal) -> list[list[str]]:
+    """The texts of each call of the signal's encoder from now on, in a list that grows with the calls."""
     encoded: list[list[str]] = []
     encode = signal.encoder.encode
 
-    def counting(texts, *args, **kwargs):
+    def recording(texts, *args, **kwargs):
         encoded.append(list(texts))
         return encode(texts, *args, **kwargs)
 
-    signal.encoder.encode = counting
+    signal.encoder.encode = recording
+    return encoded
+
+
+def test_a_context_is_encoded_once_for_retrieval_and_scoring(tiny: Path, products: pd.DataFrame) -> None:
+    signal = DenseSignal.build(BiEncoder.load(tiny), products)
+    encoded = _record_encodes(signal)
     context = Context(query="drill")
     top = signal.retrieve(context, 3)
     scores = signal.score(context, [pid for pid, _ in top])
@@ -422,14 +428,7 @@ def test_precomputed_history_vectors_replace_the_encoder_for_their_texts_only(
     loaded = DenseSignal.load(tmp_path / "dense")
     assert loaded.encoder.quantized
     assert len(loaded.known) == 1
-    encoded: list[list[str]] = []
-    encode = loaded.encoder.encode
-
-    def counting(texts, *args, **kwargs):
-        encoded.append(list(texts))
-        return encode(texts, *args, **kwargs)
-
-    loaded.encoder.encode = counting
+    encoded = _record_encodes(loaded)
     # the same history sent by another user, or read from the store, is the same text
     same = Context(user_id="w", history=("p0", "p1"))
     scores = loaded.score_batch([stored, same], [["p2", "p3"], ["p2"]])
