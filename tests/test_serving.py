@@ -462,6 +462,27 @@ def test_a_weighted_fusion_without_bert_weight_runs_bert_only_when_asked_for_eve
     assert unweighted.frame([example], None, shortlist=False)["s_bert"].notna().all()
 
 
+def test_a_zero_budget_neither_runs_bert_nor_ranks_the_rows_to_pick_none(ranker, monkeypatch) -> None:
+    from fusionrank import fusion
+
+    example = RankingExample(Context(query="green saw"), [f"p{i}" for i in range(12)])
+    expected = ranker.score(ranker.frame([example], None, rerank_k=3).assign(s_bert=np.nan), rerank_k=0)
+
+    def no_shortlist(*args, **kwargs):
+        raise AssertionError("rerank_k=0 picked a shortlist")
+
+    monkeypatch.setattr(fusion, "rerank_shortlist", no_shortlist)
+    monkeypatch.setattr(ranker, "bert", _Refusing())
+    frame = ranker.frame([example], None, rerank_k=0)
+    assert frame["s_bert"].isna().all()
+    pd.testing.assert_frame_equal(ranker.score(frame, rerank_k=0), expected)
+
+
+class _Refusing:
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the cross-encoder was used ({name})")
+
+
 def test_the_warm_up_reads_the_store_and_never_stops_the_server(ranker, store: DictStore, monkeypatch):
     logic = RankingLogic(ranker, "m:1", store)
     assert logic.warm_up() is None
