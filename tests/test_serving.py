@@ -300,6 +300,19 @@ def test_a_query_without_candidates_is_answered_from_retrieval(ranker, store: Di
     assert {"p0", "p10", "p20"} <= set(retrieved[:10])
 
 
+def test_popularity_fills_a_retrieved_list_only_when_it_is_short(ranker, monkeypatch) -> None:
+    popularity = ranker.signals["popularity"]
+    asked: list[Context] = []
+    retrieve = popularity.retrieve
+    monkeypatch.setattr(popularity, "retrieve", lambda c, k: asked.append(c) or retrieve(c, k))
+    full = retrieve_candidates(ranker, Context(query="red drill"), 3)
+    assert len(full) == 3
+    assert asked == []  # BM25 filled it: the catalog is not ranked by popularity for nothing
+    cold = retrieve_candidates(ranker, Context(user_id="new-user"), 3)
+    assert len(cold) == 3
+    assert asked == [Context(user_id="new-user")]
+
+
 def test_candidates_unknown_and_repeated_ids_are_reported_not_fatal(ranker, store: DictStore) -> None:
     logic = RankingLogic(ranker, MODEL_TAG, store)
     answer = _rank(logic, query="saw", user_id="u1", candidates=["p2", "nope", "p12", "p2", "gone"], k=10)

@@ -648,6 +648,8 @@ def retrieve_candidates_batch(ranker: Ranker, contexts: Sequence[Context], k: in
     hybrid_k = int((ranker.manifest.get("serving") or {}).get("hybrid_k", 0))
 
     def take(picked: dict[str, None], context: Context, retriever: Any, limit: int, count: int) -> None:
+        if len(picked) >= limit:  # full already: a retrieval would rank the whole catalog for nothing
+            return
         # ask for more than missing: hits outside the catalog or already picked are skipped
         added = 0
         for pid, _ in retriever.retrieve(context, count + len(picked)):
