@@ -105,3 +105,25 @@ def test_the_lambdamart_fusion_explains_with_the_tables(monkeypatch: pytest.Monk
     top = (lazy["rank"] <= 3).to_numpy()
     pd.testing.assert_frame_equal(lazy[top], expected[top])
     assert lazy.loc[~top, contributions].isna().all().all()
+
+
+def test_tables_too_large_are_refused_and_lightgbm_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fusionrank import treeshap
+    from fusionrank.fusion import _shap_tables, fit_lambdamart
+
+    booster, _ = _booster(rows=400)
+    monkeypatch.setattr(treeshap, "MAX_TABLE_VALUES", 1)
+    with pytest.raises(DataError, match="at most 1 and 16"):
+        TreeShapTables.from_booster(booster)
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {
+            "qid": np.repeat(["q0", "q1", "q2", "q3"], 20),
+            "product_id": [f"p{i}" for i in range(80)],
+            "s_a": rng.normal(size=80),
+        }
+    )
+    frame["gain"] = (frame["s_a"] > 0.5).astype(float)
+    model = fit_lambdamart(frame, ["s_a"], params={"n_estimators": 5, "min_child_samples": 2})
+    assert _shap_tables(model) is None
+    assert model._shap is False  # not tried again on the next request

@@ -35,10 +35,12 @@ from fusionrank.errors import DataError
 # LightGBM's kZeroThreshold: a value this close to 0 counts as zero for a split whose missing type is Zero
 ZERO_THRESHOLD = 1e-35
 MISSING_TYPES = {"None": 0, "Zero": 1, "NaN": 2}
-# a leaf's table has 2^M rows of M values: beyond this many distinct features on a path, refuse
+# a leaf's table has 2^M rows of M values: beyond this many distinct features on a path, or this many values
+# in all (8 bytes each), the tables are refused and LightGBM's own TreeSHAP answers
 MAX_PATH_FEATURES = 16
-# rows computed together: the intermediates take about 12 bytes per row and (leaf, path feature), 120 KB a
-# row for the Home Depot LambdaMART's 90 trees (10,269 of them)
+MAX_TABLE_VALUES = 16_000_000
+# rows computed together: the intermediates take about 12 bytes per row and (leaf, path feature) pair, 120 KB
+# a row for the Home Depot LambdaMART's 90 trees (10,269 pairs; its tables hold 192,890 values)
 CHUNK_ROWS = 256
 
 
@@ -102,6 +104,13 @@ class TreeShapTables:
                     )
                     stack.append((child, [*path, (index, left, child_count / count)]))
         leaves.sort(key=lambda leaf: -len(leaf[1]))  # stable: longest paths first
+        widths = [len({splits[split][0] for split, _, _ in path}) for _, path in leaves]
+        size = sum((1 << width) * width for width in widths)
+        if max(widths, default=0) > MAX_PATH_FEATURES or size > MAX_TABLE_VALUES:
+            raise DataError(
+                f"tree SHAP tables: {size} values, paths of up to {max(widths)} features (at most "
+                f"{MAX_TABLE_VALUES} and {MAX_PATH_FEATURES})"
+            )
 
         paths: list[list[tuple[int, bool, int]]] = []  # per leaf: (split, left, bit)
         slot_leaf: list[int] = []
@@ -114,10 +123,6 @@ class TreeShapTables:
         for number, (value, path) in enumerate(leaves):
             features = list(dict.fromkeys(splits[split][0] for split, _, _ in path))
             width = len(features)
-            if width > MAX_PATH_FEATURES:
-                raise DataError(
-                    f"tree SHAP tables: a path reads {width} features (at most {MAX_PATH_FEATURES})"
-                )
             bits = {feature: bit for bit, feature in enumerate(features)}
             fractions = np.ones(width)
             for split, _, fraction in path:
