@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 
 from fusionrank.errors import ConfigError, DataError
-from fusionrank.treeshap import TreeShapTables
 
 if TYPE_CHECKING:
     import lightgbm
@@ -78,8 +77,6 @@ class FusionModel:
     k: int | None = None
     booster: lightgbm.Booster | None = None
     fit_info: dict[str, Any] = field(default_factory=dict)
-    # the booster's TreeSHAP tables once built; False where they cannot describe it (`_shap_tables`)
-    _shap: TreeShapTables | bool | None = field(default=None, init=False, repr=False, compare=False)
 
     def save(self, directory: str | Path) -> None:
         """Write the model under `directory`: fusion.json, plus LightGBM's text model or the first stage."""
@@ -567,22 +564,8 @@ def _lambdamart_contributions(model: FusionModel, frame: pd.DataFrame) -> np.nda
     if len(frame) == 0:
         # LightGBM refuses empty input; a request without candidates has nothing to score
         return np.zeros((0, len(model.signals) + 1))
-    tables = _shap_tables(model)
-    if tables is not None:
-        return tables.contributions(features.to_numpy(dtype=np.float64))
     contrib = np.asarray(model.booster.predict(features, pred_contrib=True), dtype=float)
     return contrib.reshape(len(frame), len(model.signals) + 1)
-
-
-def _shap_tables(model: FusionModel) -> TreeShapTables | None:
-    """The booster's TreeSHAP tables (`fusionrank.treeshap`), built on first use and kept with the model;
-    None for a model they cannot describe (LightGBM's own TreeSHAP answers then)."""
-    if model._shap is None:
-        try:
-            model._shap = TreeShapTables.from_booster(model.booster)
-        except DataError:
-            model._shap = False
-    return model._shap or None
 
 
 def _lambdamart_scores(model: FusionModel, frame: pd.DataFrame) -> np.ndarray:
