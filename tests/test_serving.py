@@ -484,10 +484,12 @@ def test_a_zero_budget_neither_runs_bert_nor_ranks_the_rows_to_pick_none(ranker,
     def no_shortlist(*args, **kwargs):
         raise AssertionError("rerank_k=0 picked a shortlist")
 
-    monkeypatch.setattr(fusion, "rerank_shortlist", no_shortlist)
+    # picking a shortlist scores every row with the fusion first: a budget of 0 must not
+    monkeypatch.setattr(fusion, "score_candidates", no_shortlist)
     monkeypatch.setattr(ranker, "bert", _Refusing())
     frame = ranker.frame([example], None, rerank_k=0)
     assert frame["s_bert"].isna().all()
+    monkeypatch.undo()  # scoring the frame is the next step's work
     pd.testing.assert_frame_equal(ranker.score(frame, rerank_k=0), expected)
 
 

@@ -412,7 +412,10 @@ def reads_rerank_signal(model: FusionModel) -> bool:
 
 def rerank_shortlist(model: FusionModel, frame: pd.DataFrame, rerank_k: int) -> pd.Index:
     """The index labels of the rows whose cross-encoder score a budgeted ranker computes: each query's top
-    `rerank_k` by the fusion with that score missing (the same model; a missing value contributes 0)."""
+    `rerank_k` by the fusion with that score missing (the same model; a missing value contributes 0).
+    No rows for a budget of 0 or less, found without scoring any row."""
+    if rerank_k <= 0:
+        return frame.index[:0]
     first = score_candidates(
         model, frame.assign(**{RERANK_COLUMN: np.nan}, _label=frame.index), explain_top=0
     )

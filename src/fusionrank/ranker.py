@@ -220,9 +220,6 @@ class Ranker:
             picked = frame.index[:0]
         elif getattr(fusion, "kind", None) == "cascade":
             picked = cascade_shortlist(fusion, frame).index
-        elif rerank_k is not None and rerank_k <= 0:
-            # no budget: nothing to pick, so no first-stage scoring of every row to pick it
-            picked = frame.index[:0]
         elif rerank_k is not None and "s_bert" in fusion.signals:
             picked = rerank_shortlist(fusion, frame, rerank_k)
         else:
