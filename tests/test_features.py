@@ -429,6 +429,33 @@ def test_latest_user_histories_are_the_histories_the_server_reads(
     assert latest_user_histories(info, max_users=0) == []
 
 
+def test_a_served_request_reads_the_vector_the_pipeline_computed_for_its_stored_history(
+    games: Tables, games_stores: dict[str, FeatureStoreInfo], tmp_path: Path
+) -> None:
+    from fusionrank.bert import make_tiny_bert
+    from fusionrank.biencoder import BiEncoder
+    from fusionrank.context import Context
+    from fusionrank.serving_logic import RankRequest, _history
+    from fusionrank.signals.dense import DenseSignal
+    from fusionrank.steps import precompute_store_histories
+
+    dense = DenseSignal.build(BiEncoder.load(make_tiny_bert(tmp_path / "bert")), games.products)
+    info = games_stores["local"]
+    kept = precompute_store_histories(dense, info)
+    users = games.interactions["user_id"].astype(str).unique()
+    stored = OnlineFeatures.from_info(info)
+    contexts = [
+        Context(user_id=u, history=_history(RankRequest(user_id=u), stored.lookup(u, [])[0])) for u in users
+    ]
+    assert kept == len({t for t in dense.context_texts(contexts) if t.strip()})
+    encoded: list[list[str]] = []
+    encode = dense.encoder.encode
+    dense.encoder.encode = lambda texts, *a, **k: encoded.append(list(texts)) or encode(texts, *a, **k)
+    vectors = dense.context_vectors(contexts[:5])
+    assert encoded == []  # the server's contexts of stored histories are the ones computed
+    np.testing.assert_allclose(vectors, encode(dense.context_texts(contexts[:5])), atol=1e-5)
+
+
 def test_the_product_cache_expires_rows_and_keeps_the_most_recent() -> None:
     now = [0.0]
     cache = ProductCache(10.0, max_products=2, clock=lambda: now[0])

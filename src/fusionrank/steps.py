@@ -728,7 +728,7 @@ def biencoder_step(
         ids = embed_ids(tables, [frame for frame, _ in frames.values()], embed_max_products, seed)
         dense = DenseSignal.build(BiEncoder.load(work), tables.products, ids, int8=int8)
     shutil.copytree(signals_dir, out_signals_dir, dirs_exist_ok=True)
-    from fusionrank.features import latest_user_histories, write_product_embeddings
+    from fusionrank.features import write_product_embeddings
 
     version = "dense-" + hashlib.sha256(dense.embeddings.tobytes()).hexdigest()[:16]
     written = write_product_embeddings(read_store_info(store_dir), dense.index.ids, dense.embeddings, version)
@@ -768,10 +768,8 @@ def biencoder_step(
         for extra in ("contexts", "qrels"):
             shutil.copy(Path(scored_dir) / f"{which}_{extra}.parquet", out / f"{which}_{extra}.parquet")
     started = time.perf_counter()
-    histories = latest_user_histories(read_store_info(store_dir), user_vectors_max)
-    figures["precomputed_user_vectors"] = float(
-        dense.precompute([Context(user_id=user, history=history) for user, history in histories])
-    )
+    kept = precompute_store_histories(dense, read_store_info(store_dir), user_vectors_max)
+    figures["precomputed_user_vectors"] = float(kept)
     figures["precompute_user_vectors_seconds"] = time.perf_counter() - started
     dense.save(Path(out_signals_dir) / dense.name)
     info = _read_json(Path(scored_dir) / "frames.json")
@@ -780,6 +778,16 @@ def biencoder_step(
     info["generator_recall"] = recall
     _write_json(out / "frames.json", info)
     return figures
+
+
+def precompute_store_histories(dense, info, max_users: int = -1) -> int:
+    """Give `dense` the vector of each user's history as the feature store `info` holds it (the
+    `max_users` most recently active; -1 all): the context a served request without its own history reads.
+    Returns how many distinct texts it keeps."""
+    from fusionrank.features import latest_user_histories
+
+    histories = latest_user_histories(info, max_users)
+    return dense.precompute([Context(user_id=user, history=history) for user, history in histories])
 
 
 def _add_dense_candidates(
