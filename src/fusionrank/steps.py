@@ -731,7 +731,8 @@ def biencoder_step(
     from fusionrank.features import write_product_embeddings
 
     version = "dense-" + hashlib.sha256(dense.embeddings.tobytes()).hexdigest()[:16]
-    written = write_product_embeddings(read_store_info(store_dir), dense.index.ids, dense.embeddings, version)
+    store = read_store_info(store_dir)
+    written = write_product_embeddings(store, dense.index.ids, dense.embeddings, version)
 
     out = Path(out_scored_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -768,7 +769,7 @@ def biencoder_step(
         for extra in ("contexts", "qrels"):
             shutil.copy(Path(scored_dir) / f"{which}_{extra}.parquet", out / f"{which}_{extra}.parquet")
     started = time.perf_counter()
-    kept = precompute_store_histories(dense, read_store_info(store_dir), user_vectors_max)
+    kept = precompute_store_histories(dense, store, user_vectors_max)
     figures["precomputed_user_vectors"] = float(kept)
     figures["precompute_user_vectors_seconds"] = time.perf_counter() - started
     dense.save(Path(out_signals_dir) / dense.name)

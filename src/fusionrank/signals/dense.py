@@ -138,9 +138,10 @@ class DenseSignal:
         return out
 
     def precompute(self, contexts: Sequence[Context], batch_size: int = 256) -> int:
-        """Compute and keep the vector of each context's text (the distinct non-empty ones), with the encoder
-        as it is now: the pipeline's full-precision one, whatever a CPU server later loads. Returns how many
-        texts are kept. A request whose context text is one of them reads its vector instead of encoding."""
+        """Compute and keep the vector of each context's text (the distinct non-empty ones), in place of any
+        kept before, with the encoder as it is now: the pipeline's full-precision one, whatever a CPU server
+        later loads. Returns how many texts are kept. A request whose context text is one of them reads its
+        vector instead of encoding."""
         texts = [t for t in dict.fromkeys(self.context_texts(contexts)) if t.strip()]
         vectors = self.encoder.encode(texts, batch_size=batch_size) if texts else None
         if vectors is None:
