@@ -9,7 +9,13 @@ import pytest
 
 from fusionrank.batching import RequestBatcher
 from fusionrank.errors import ConfigError
-from fusionrank.serving_logic import limit_threads, serving_workers, torch_threads
+from fusionrank.serving_logic import (
+    ServingSettings,
+    fusion_threads,
+    limit_threads,
+    serving_workers,
+    torch_threads,
+)
 
 
 class SlowModel:
@@ -117,6 +123,16 @@ def test_worker_settings(monkeypatch) -> None:
             serving_workers({"FUSIONRANK_WORKERS": bad})
     assert torch_threads({}) == 1
     assert torch_threads({"OMP_NUM_THREADS": "2"}) is None
+    # LightGBM's threads: the CPUs shared among the workers
+    assert fusion_threads({}) == 2
+    assert fusion_threads({"FUSIONRANK_WORKERS": "2"}) == 1
+    monkeypatch.setattr("fusionrank.serving_logic._cpu_count", lambda: 1)
+    assert fusion_threads({}) == 1
+    assert ServingSettings.from_env({}).fusion_threads is None
+    assert ServingSettings.from_env({"FUSIONRANK_FUSION_THREADS": "3"}).fusion_threads == 3
+    for bad, message in (("three", "not a number"), ("0", "at least 1")):
+        with pytest.raises(ConfigError, match=message):
+            ServingSettings.from_env({"FUSIONRANK_FUSION_THREADS": bad})
 
 
 def test_the_cpu_count_honours_a_container_quota(tmp_path) -> None:

@@ -184,6 +184,32 @@ def test_save_load_round_trip_scores_identically(
         assert (tmp_path / kind / "lambdamart.txt").read_text().startswith("tree")
 
 
+def test_prediction_threads_reach_lightgbm_change_no_score_and_are_not_saved(
+    frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """A server gives LightGBM its share of the cores; a row's score and contributions stay the same."""
+    model = fit_lambdamart(frame, ["s_noise", "s_a", "s_b", "f_len"])
+    default = score_candidates(model, frame)
+    asked: list[int | None] = []
+    predict = model.booster.predict
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("num_threads"))
+        return predict(*args, **kwargs)
+
+    model.booster.predict = recording
+    model.use_threads(2)
+    pd.testing.assert_frame_equal(score_candidates(model, frame), default)
+    assert asked == [2, 2]  # the scores, then the contributions
+    model.save(tmp_path / "lambdamart")
+    assert FusionModel.load(tmp_path / "lambdamart").threads == 0
+    cascade = fit_cascade(frame, ["s_noise", "s_a"], rerank_signal="s_perfect", k=3)
+    cascade.use_threads(3)
+    assert (cascade.threads, cascade.first_stage.threads) == (3, 3)
+    with pytest.raises(ConfigError, match="must not be negative"):
+        model.use_threads(-1)
+
+
 @pytest.mark.parametrize("kind", ["weighted", "cascade", "lambdamart"])
 def test_a_missing_signal_column_is_reported_not_fatal(
     models: dict[str, FusionModel], frame: pd.DataFrame, kind: str

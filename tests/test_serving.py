@@ -399,11 +399,13 @@ def test_a_store_that_fails_to_open_is_retried_after_the_interval(store: DictSto
 
 @pytest.mark.parametrize("fusion", ["weighted", "cascade", "lambdamart"])
 def test_served_scores_equal_the_offline_scores(ranker, store: DictStore, bundle_parts, fusion: str) -> None:
-    """No train/serve skew: the server's scores are those of `Ranker.score(Ranker.frame(...))` offline."""
+    """No train/serve skew: the server's scores are those of `Ranker.score(Ranker.frame(...))` offline,
+    whatever share of the cores the server gives LightGBM."""
     served_ranker = _with_fusion(ranker, fusion)
-    logic = RankingLogic(served_ranker, MODEL_TAG, store)
     examples = _fit_examples(bundle_parts["products"], bundle_parts["interactions"])[::4]
     offline = served_ranker.score(served_ranker.frame(examples, _offline_features(store, examples)))
+    logic = RankingLogic(served_ranker, MODEL_TAG, store, ServingSettings(fusion_threads=2))
+    assert served_ranker.fusions[fusion].threads == 2
     requests = [
         RankRequest(
             query=e.context.query,

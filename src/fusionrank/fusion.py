@@ -77,6 +77,18 @@ class FusionModel:
     k: int | None = None
     booster: lightgbm.Booster | None = None
     fit_info: dict[str, Any] = field(default_factory=dict)
+    # Threads of LightGBM's predictions (scores and TreeSHAP contributions); 0: OpenMP's default. Not saved:
+    # the cores a process may use belong to where it runs, not to the model (`use_threads`).
+    threads: int = field(default=0, compare=False)
+
+    def use_threads(self, threads: int) -> None:
+        """Predict with `threads` LightGBM threads, here and in a cascade's first stage. A row's score and
+        contributions do not depend on the thread count."""
+        if threads < 0:
+            raise ConfigError(f"prediction threads must not be negative, got {threads}")
+        self.threads = threads
+        if self.first_stage is not None:
+            self.first_stage.use_threads(threads)
 
     def save(self, directory: str | Path) -> None:
         """Write the model under `directory`: fusion.json, plus LightGBM's text model or the first stage."""
@@ -567,7 +579,9 @@ def _lambdamart_contributions(model: FusionModel, frame: pd.DataFrame) -> np.nda
     if len(frame) == 0:
         # LightGBM refuses empty input; a request without candidates has nothing to score
         return np.zeros((0, len(model.signals) + 1))
-    contrib = np.asarray(model.booster.predict(features, pred_contrib=True), dtype=float)
+    contrib = np.asarray(
+        model.booster.predict(features, pred_contrib=True, num_threads=model.threads), dtype=float
+    )
     return contrib.reshape(len(frame), len(model.signals) + 1)
 
 
@@ -576,7 +590,7 @@ def _lambdamart_scores(model: FusionModel, frame: pd.DataFrame) -> np.ndarray:
     features = _lambdamart_inputs(model, frame)
     if len(frame) == 0:
         return np.zeros(0)
-    return np.asarray(model.booster.predict(features, raw_score=True), dtype=float)
+    return np.asarray(model.booster.predict(features, raw_score=True, num_threads=model.threads), dtype=float)
 
 
 def _cascade_contributions(

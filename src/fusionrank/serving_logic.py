@@ -130,6 +130,9 @@ class ServingSettings:
     # Seconds a product's online features are kept in the worker (`features.ProductCache`); 0: read every
     # request's products from the store. Product features change when they are materialized, hours apart.
     product_cache_seconds: float = 60.0
+    # Threads of a LambdaMART fusion's predictions (LightGBM); None: this worker's share of the CPUs
+    # (`fusion_threads`).
+    fusion_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.retrieve_k is not None and not 1 <= self.retrieve_k <= MAX_CANDIDATES:
@@ -142,11 +145,14 @@ class ServingSettings:
             raise ConfigError(f"context_cache must not be negative, got {self.context_cache}")
         if not self.product_cache_seconds >= 0:
             raise ConfigError(f"product_cache_seconds must not be negative, got {self.product_cache_seconds}")
+        if self.fusion_threads is not None and self.fusion_threads < 1:
+            raise ConfigError(f"fusion_threads must be at least 1, got {self.fusion_threads}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
         """Settings from FUSIONRANK_* variables (FEATURE_REPO, FEATURE_STORE_YAML, RETRIEVE_K, RERANK_K,
-        INT8=on|off, STORE_RETRY_SECONDS, ADAPTIVE_BATCHING=on|off, CONTEXT_CACHE, PRODUCT_CACHE_SECONDS);
+        INT8=on|off, STORE_RETRY_SECONDS, ADAPTIVE_BATCHING=on|off, CONTEXT_CACHE, PRODUCT_CACHE_SECONDS,
+        FUSION_THREADS);
         unset ones keep their defaults."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -161,6 +167,8 @@ class ServingSettings:
                 values["context_cache"] = int(env["FUSIONRANK_CONTEXT_CACHE"])
             if env.get("FUSIONRANK_PRODUCT_CACHE_SECONDS", "").strip():
                 values["product_cache_seconds"] = float(env["FUSIONRANK_PRODUCT_CACHE_SECONDS"])
+            if env.get("FUSIONRANK_FUSION_THREADS", "").strip():
+                values["fusion_threads"] = int(env["FUSIONRANK_FUSION_THREADS"])
         except ValueError as exc:
             raise ConfigError(f"a FUSIONRANK_* serving setting is not a number: {exc}") from exc
         for key, name in (
@@ -299,6 +307,9 @@ class RankingLogic:
             git_revision=str(manifest.get("git_revision", "")),
         )
         self.rerank_k = resolve_rerank_k(ranker, self.settings)
+        threads = self.settings.fusion_threads or fusion_threads()
+        for fusion in ranker.fusions.values():
+            fusion.use_threads(threads)
         for signal in ranker.signals.values():
             if hasattr(signal, "cache_size"):
                 signal.cache_size = self.settings.context_cache
@@ -575,6 +586,18 @@ def torch_threads(environ: Mapping[str, str] | None = None) -> int | None:
     if env.get("OMP_NUM_THREADS", "").strip():
         return None
     return 1
+
+
+def fusion_threads(environ: Mapping[str, str] | None = None) -> int:
+    """LightGBM threads per worker for a LambdaMART fusion: the CPUs divided among the workers (at least 1).
+
+    Unlike torch's, these threads help one worker: LightGBM releases the GIL for a whole prediction, so its
+    second thread runs on the core the worker's Python leaves idle. The TreeSHAP contributions of a batch's
+    top 10s are the costliest part of its scoring; with 2 threads against 1, one worker on this 2-core CPU
+    served a Home Depot LambdaMART bundle (100 given candidates, 10 clients) at 152.8 and 158.9 req/s against
+    125.3 and 128.2 (p50 61-62 ms against 75-77), in alternating runs (`benchmarks/bench_serving.py`).
+    """
+    return max(1, _cpu_count() // serving_workers(environ))
 
 
 def limit_threads(threads: int) -> None:
