@@ -592,10 +592,11 @@ def fusion_threads(environ: Mapping[str, str] | None = None) -> int:
     """LightGBM threads per worker for a LambdaMART fusion: the CPUs divided among the workers (at least 1).
 
     Unlike torch's, these threads help one worker: LightGBM releases the GIL for a whole prediction, so its
-    second thread runs on the core the worker's Python leaves idle. The TreeSHAP contributions of a batch's
-    top 10s are the costliest part of its scoring; with 2 threads against 1, one worker on this 2-core CPU
-    served a Home Depot LambdaMART bundle (100 given candidates, 10 clients) at 152.8 and 158.9 req/s against
-    125.3 and 128.2 (p50 61-62 ms against 75-77), in alternating runs (`benchmarks/bench_serving.py`).
+    second thread runs on the core the worker's Python leaves idle. They compute the scores, and the TreeSHAP
+    contributions of a model that `fusionrank.treeshap`'s tables cannot hold. When LightGBM's TreeSHAP
+    explained every batch's top 10s (before those tables), one worker on this 2-core CPU served a Home Depot
+    LambdaMART bundle (100 given candidates, 10 clients) at 152.8 and 158.9 req/s with 2 threads against
+    125.3 and 128.2 with 1 (p50 61-62 ms against 75-77), in alternating runs (`benchmarks/bench_serving.py`).
     """
     return max(1, _cpu_count() // serving_workers(environ))
 
