@@ -380,8 +380,9 @@ def score_candidates(model: FusionModel, frame: pd.DataFrame, explain_top: int |
 
     `explain_top=n` computes a LambdaMART fusion's contributions (TreeSHAP: for the Home Depot model's 90
     trees, 20 microseconds a row from `fusionrank.treeshap`'s tables and 280 in LightGBM's own, against 1.5
-    for its score) for each query's top `n` rows only, the rows a server returns; the others' `c_*` are NaN. Scores and ranks are the same either way. Other
-    kinds always give every row's contributions (they cost no more than the score).
+    for its score) for each query's top `n` rows only, the rows a server returns; the others' `c_*` are NaN.
+    Scores and ranks are the same either way. Other kinds always give every row's contributions (they cost
+    no more than the score).
     """
     _check_frame(frame, [], need_gain=False)
     present = [c for c in model.signals if c in frame.columns]
