@@ -65,6 +65,8 @@ def test_a_row_has_the_same_values_alone_as_in_a_batch(monkeypatch: pytest.Monke
     np.testing.assert_allclose(tables.contributions(wide[:, :6]), together, rtol=0, atol=1e-12)
     with pytest.raises(DataError, match="rows of 6 features"):
         tables.contributions(np.zeros((2, 5)))
+    # one compiled call per chunk that lets the server's event loop run beside it (the point of the module)
+    assert treeshap._kernel().targetoptions["nogil"] is True
 
 
 def test_a_model_of_constant_trees_is_all_bias() -> None:
