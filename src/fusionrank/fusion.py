@@ -571,10 +571,12 @@ def _contributions(
     raise DataError(f"unknown fusion kind {model.kind!r}; known kinds: {', '.join(KINDS)}")
 
 
-def _lambdamart_inputs(model: FusionModel, frame: pd.DataFrame) -> pd.DataFrame:
+def _lambdamart_inputs(model: FusionModel, frame: pd.DataFrame) -> np.ndarray:
+    """The booster's input matrix (rows x signals, in the model's order): what LightGBM and the TreeSHAP
+    tables both read, with no frame around it for them to take apart again."""
     if model.booster is None:
         raise DataError("this lambdamart fusion has no booster; load it with FusionModel.load")
-    return pd.DataFrame(_signal_matrix(frame, model.signals), columns=model.signals)
+    return _signal_matrix(frame, model.signals)
 
 
 def _lambdamart_contributions(model: FusionModel, frame: pd.DataFrame) -> np.ndarray:
@@ -585,7 +587,7 @@ def _lambdamart_contributions(model: FusionModel, frame: pd.DataFrame) -> np.nda
         return np.zeros((0, len(model.signals) + 1))
     tables = _shap_tables(model)
     if tables is not None:
-        return tables.contributions(features.to_numpy(dtype=np.float64))
+        return tables.contributions(features)
     contrib = np.asarray(
         model.booster.predict(features, pred_contrib=True, num_threads=model.threads), dtype=float
     )
