@@ -7,8 +7,10 @@ POST /rank_batch  a list of requests in, a list of rankings out; BentoML's own a
                   the lists of concurrent callers.
 GET /healthz /readyz /livez /metrics come with BentoML.
 
-Worker processes: FUSIONRANK_WORKERS (default 1), read when this module is imported; each worker loads the
-model and runs torch and BLAS with one thread (unless OMP_NUM_THREADS says otherwise: see `torch_threads`).
+Worker processes: FUSIONRANK_WORKERS (default 1), read when this module is imported. Each worker starts a
+model process of its own that loads the model and ranks the worker's batches, while the worker handles HTTP
+(`fusionrank.model_process`; FUSIONRANK_MODEL_PROCESS=off loads and runs the model in the worker). The model
+runs torch and BLAS with one thread (unless OMP_NUM_THREADS says otherwise: see `torch_threads`).
 
 The model is declared at class scope, so a Bento built from this file carries it. Which model: the `model`
 argument (`bentoml build|serve --arg model=fusionrank-ranker:<version>`; `fusionrank.packaging` pins the
@@ -22,9 +24,11 @@ import gc
 import logging
 import os
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import bentoml
+from bentoml.exceptions import ServiceUnavailable
 from pydantic import BaseModel
 
 from fusionrank.packaging import BUNDLE_DIR
@@ -62,59 +66,82 @@ class FusionRanker:
     def __init__(self) -> None:
         from prometheus_client import Histogram
 
+        from fusionrank import model_process
         from fusionrank.batching import RequestBatcher
-        from fusionrank.ranker import Ranker
-        from fusionrank.serving_logic import (
-            RankingLogic,
-            ServingSettings,
-            limit_threads,
-            open_online_store,
-            torch_threads,
-        )
+        from fusionrank.serving_logic import ServingSettings
 
-        threads = torch_threads()
-        if threads is not None:
-            limit_threads(threads)
         settings = ServingSettings.from_env()
-        ranker = Ranker.load(Path(self.bundle.path) / BUNDLE_DIR, int8=settings.int8)
-        self.logic = RankingLogic(ranker, str(self.bundle.tag), open_online_store(ranker, settings), settings)
-        self._limiter = None
+        load = (str(Path(self.bundle.path) / BUNDLE_DIR), str(self.bundle.tag))
+        started = time.perf_counter()
+        if settings.model_process:
+            self._process = model_process.ModelProcess(model_process.start, load)
+            try:
+                failed = self._process.submit(model_process.warm_up).result()
+            except BrokenProcessPool as exc:
+                raise RuntimeError(
+                    f"the model process could not load {self.bundle.tag} (its error is logged above)"
+                ) from exc
+            LOG.info("the model runs in process %d", self._process.submit(os.getpid).result())
+        else:
+            self._process = None
+            model_process.start(*load)
+            failed = model_process.warm_up()
+        # before BentoML reports the worker ready: its first callers must not wait for the store to open
+        if failed:
+            LOG.warning("the warm-up request failed (serving anyway): %s", failed)
+        else:
+            LOG.info("model loaded and warm-up request ranked in %.2f s", time.perf_counter() - started)
         # created here, in the worker, after BentoML has set up the multiprocess metrics directory
         sizes = Histogram(
             "fusionrank_rank_batch_size",
             "Requests per model call of POST /rank (adaptive batching)",
             buckets=(1, 2, 4, 8, 16, 32, 64),
         )
-        self._batcher = RequestBatcher(self.logic.rank_batch, MAX_BATCH_SIZE, on_batch=sizes.observe)
-        # before BentoML reports the worker ready: its first callers must not wait for the store to open
-        started = time.perf_counter()
-        failed = self.logic.warm_up()
-        if failed:
-            LOG.warning("the warm-up request failed (serving anyway): %s", failed)
-        else:
-            LOG.info("warm-up request ranked in %.2f s", time.perf_counter() - started)
-        # The loaded model lives as long as the worker: frozen, its objects are left out of every later
-        # collection, whose pause otherwise grows with them (one such pause stalls every request in flight).
+        # Without adaptive batching, one request at a time runs the model, as a plain synchronous endpoint
+        # would.
+        self._batcher = RequestBatcher(
+            model_process.rank_batch,
+            MAX_BATCH_SIZE if settings.adaptive_batching else 1,
+            on_batch=sizes.observe,
+            executor=self._process,
+        )
         gc.collect()
         gc.freeze()
+
+    @bentoml.on_shutdown
+    def _stop_model_process(self) -> None:
+        if self._process is not None:
+            self._process.shutdown(cancel_futures=True)
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def rank_batch(self, requests: list[RankRequest]) -> list[RankResponse]:
         """Rank several requests in one model call."""
-        return self.logic.rank_batch(requests)
+        from fusionrank import model_process
+
+        plain = [model_process.plain_request(request) for request in requests]
+        if self._process is None:
+            return model_process.rank_batch(plain)
+        try:
+            return self._process.submit(model_process.rank_batch, plain).result()
+        except BrokenProcessPool as exc:
+            raise _model_process_stopped() from exc
 
     @bentoml.api
     async def rank(self, request: RankRequest, /) -> RankResponse:
         """Rank products for one request."""
-        if self.logic.settings.adaptive_batching:
-            return await self._batcher.submit(request)
-        import anyio
+        from fusionrank import model_process
 
-        # Without batching, one request at a time runs the model, as a plain synchronous endpoint would.
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(1)
-        (response,) = await anyio.to_thread.run_sync(self.logic.rank_batch, [request], limiter=self._limiter)
-        return response
+        try:
+            return await self._batcher.submit(model_process.plain_request(request))
+        except BrokenProcessPool as exc:
+            raise _model_process_stopped() from exc
+
+
+def _model_process_stopped() -> ServiceUnavailable:
+    LOG.error("the model process stopped while it ranked a batch; the next batch starts a new one")
+    return ServiceUnavailable(
+        "the model process stopped while it ranked this request; it is being started again: retry"
+    )
 
 
 def _schema_once(spec: type) -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
 import threading
+from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
 from fusionrank.batching import RequestBatcher
 from fusionrank.errors import ConfigError
+from fusionrank.model_process import ModelProcess
 from fusionrank.serving_logic import (
     ServingSettings,
     fusion_threads,
@@ -114,6 +119,67 @@ def test_a_wrong_number_of_results_fails_the_batch_with_a_clear_error() -> None:
         RequestBatcher(lambda items: items, max_batch_size=0)
 
 
+def doubled_with_pid(items: list[int]) -> list[tuple[int, int]]:
+    """A batch function a process pool can name: each item doubled, with the pid of the process."""
+    if any(item < 0 for item in items):
+        raise ValueError(f"negative input in {items}")
+    return [(2 * item, os.getpid()) for item in items]
+
+
+def test_batches_can_run_in_another_process_and_a_bad_item_still_fails_alone() -> None:
+    async def scenario(batcher: RequestBatcher) -> list:
+        return await asyncio.gather(*(batcher.submit(item) for item in (1, -1, 3)), return_exceptions=True)
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        one, bad, three = asyncio.run(scenario(RequestBatcher(doubled_with_pid, 8, executor=pool)))
+    assert (one[0], three[0]) == (2, 6)
+    assert one[1] == three[1] != os.getpid()
+    assert isinstance(bad, ValueError)
+    assert "negative input in [-1]" in str(bad)
+
+
+class RefusingExecutor(Executor):
+    def submit(self, fn, /, *args, **kwargs):
+        raise RuntimeError("the executor is shut down")
+
+
+def test_an_executor_failure_reaches_every_caller_instead_of_leaving_them_waiting() -> None:
+    async def scenario() -> list:
+        batcher = RequestBatcher(doubled_with_pid, 8, executor=RefusingExecutor())
+        calls = asyncio.gather(*(batcher.submit(item) for item in (1, 2)), return_exceptions=True)
+        return await asyncio.wait_for(calls, 10)
+
+    outcomes = asyncio.run(scenario())
+    assert [str(outcome) for outcome in outcomes] == ["the executor is shut down"] * 2
+
+
+_LOADED: list[str] = []
+
+
+def load_marker(marker: str) -> None:
+    _LOADED.append(marker)
+
+
+def loaded() -> list[str]:
+    return list(_LOADED)
+
+
+def test_the_model_process_loads_once_and_a_dead_one_is_replaced_and_loads_again() -> None:
+    process = ModelProcess(load_marker, ("model v1",))
+    try:
+        first_pid = process.submit(os.getpid).result(timeout=60)
+        assert first_pid != os.getpid()
+        assert process.submit(loaded).result(timeout=60) == ["model v1"]  # once, not per call
+        with pytest.raises(BrokenProcessPool):
+            process.submit(os._exit, 3).result(timeout=60)
+        # the next call starts a new process, which loads the model again before it runs the call
+        assert process.submit(loaded).result(timeout=60) == ["model v1"]
+        assert process.submit(os.getpid).result(timeout=60) not in (first_pid, os.getpid())
+        assert process.restarts == 1
+    finally:
+        process.shutdown()
+
+
 def test_worker_settings(monkeypatch) -> None:
     monkeypatch.setattr("fusionrank.serving_logic._cpu_count", lambda: 2)
     assert serving_workers({}) == 1
@@ -123,11 +189,19 @@ def test_worker_settings(monkeypatch) -> None:
             serving_workers({"FUSIONRANK_WORKERS": bad})
     assert torch_threads({}) == 1
     assert torch_threads({"OMP_NUM_THREADS": "2"}) is None
-    # LightGBM's threads: the CPUs shared among the workers
-    assert fusion_threads({}) == 2
-    assert fusion_threads({"FUSIONRANK_WORKERS": "2"}) == 1
+    # LightGBM's threads: the CPUs shared among the processes running Python (a worker and its model
+    # process, or a worker alone)
+    assert fusion_threads({}) == 1
+    assert fusion_threads({}, model_process=False) == 2
+    assert fusion_threads({"FUSIONRANK_WORKERS": "2"}, model_process=False) == 1
+    monkeypatch.setattr("fusionrank.serving_logic._cpu_count", lambda: 8)
+    assert fusion_threads({"FUSIONRANK_WORKERS": "2"}) == 2
     monkeypatch.setattr("fusionrank.serving_logic._cpu_count", lambda: 1)
     assert fusion_threads({}) == 1
+    assert ServingSettings.from_env({}).model_process
+    assert not ServingSettings.from_env({"FUSIONRANK_MODEL_PROCESS": "off"}).model_process
+    with pytest.raises(ConfigError, match="FUSIONRANK_MODEL_PROCESS must be on or off"):
+        ServingSettings.from_env({"FUSIONRANK_MODEL_PROCESS": "maybe"})
     assert ServingSettings.from_env({}).fusion_threads is None
     assert ServingSettings.from_env({"FUSIONRANK_FUSION_THREADS": "3"}).fusion_threads == 3
     for bad, message in (("three", "not a number"), ("0", "at least 1")):

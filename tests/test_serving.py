@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -835,7 +836,8 @@ def test_http_unknown_user_and_unknown_candidates(served: str) -> None:
 def test_http_the_store_down_gives_degraded_answers(
     packaged, feature_store: Path, bentoml_home, tmp_path_factory
 ):
-    """A Redis online store nobody listens on: the server starts, answers, and says it is degraded."""
+    """A Redis online store nobody listens on: the server starts, answers, and says it is degraded. This
+    server runs the model in its worker (FUSIONRANK_MODEL_PROCESS=off), the others in a model process."""
     import yaml
     from redis_server import free_port
 
@@ -844,7 +846,11 @@ def test_http_the_store_down_gives_degraded_answers(
     config["online_store"] = {"type": "redis", "connection_string": f"127.0.0.1:{free_port()}"}
     down = repo / "feature_store.down.yaml"
     down.write_text(yaml.safe_dump(config))
-    env = {"BENTOML_HOME": str(bentoml_home), "FUSIONRANK_FEATURE_STORE_YAML": str(down)}
+    env = {
+        "BENTOML_HOME": str(bentoml_home),
+        "FUSIONRANK_FEATURE_STORE_YAML": str(down),
+        "FUSIONRANK_MODEL_PROCESS": "off",
+    }
     log = tmp_path_factory.mktemp("serve-down") / "serve.log"
     for url in _serve(packaged["bento"], env, log):
         response = _post(url, {"query": "red drill", "user_id": "u3", "k": 4})
@@ -853,6 +859,7 @@ def test_http_the_store_down_gives_degraded_answers(
         assert answer["degraded"]
         assert len(answer["results"]) == 4
         assert any("Redis online store" in reason for reason in answer["degraded_reasons"])
+    assert "the model runs in process" not in log.read_text()
 
 
 @pytest.mark.slow
@@ -868,9 +875,29 @@ def test_http_two_workers_answer_as_one_does(served: str, packaged, bentoml_home
             np.testing.assert_allclose(
                 [r["score"] for r in two["results"]], [r["score"] for r in one["results"]], atol=1e-5
             )
-    # both worker processes started (each one logs its own service start-up), each after its warm-up request
-    assert log.read_text().count("Service fusionrank initialized") == 2
-    assert log.read_text().count("warm-up request ranked in") == 2
+        # both worker processes started (each one logs its own service start-up), each after its warm-up
+        # request, each with a model process of its own
+        assert log.read_text().count("Service fusionrank initialized") == 2
+        assert log.read_text().count("warm-up request ranked in") == 2
+        model_pids = [int(pid) for pid in re.findall(r"the model runs in process (\d+)", log.read_text())]
+        assert len(set(model_pids)) == 2
+        # Both model processes killed: each worker starts a new one for its next request. A request already
+        # sent to a dead one is answered 503 with a message to retry, never 500; then all are answered.
+        for pid in model_pids:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)
+        statuses = []
+        deadline = time.monotonic() + 120
+        while statuses[-6:] != [200] * 6 and time.monotonic() < deadline:
+            response = _post(url, bodies[0])
+            statuses.append(response.status_code)
+            if response.status_code != 200:
+                assert response.status_code == 503, response.text
+                assert "retry" in response.text
+        assert statuses[-6:] == [200] * 6, statuses
+        again, one = response.json()["results"], _post(served, bodies[0]).json()["results"]
+        assert [r["product_id"] for r in again] == [r["product_id"] for r in one]
+        assert "a new one starts (restart 1)" in log.read_text()
 
 
 def test_a_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:

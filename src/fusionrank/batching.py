@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -28,19 +29,22 @@ R = TypeVar("R")
 
 class RequestBatcher(Generic[T, R]):
     """Runs `run_batch(items) -> results` (same length, same order) on batches of submitted items, one
-    batch at a time, in a worker thread; `on_batch(size)` is told each batch's size (for a metric)."""
+    batch at a time, in a worker thread, or in `executor` (a process pool: `run_batch` must then be a
+    module-level function); `on_batch(size)` is told each batch's size (for a metric)."""
 
     def __init__(
         self,
         run_batch: Callable[[list[T]], Sequence[R]],
         max_batch_size: int,
         on_batch: Callable[[int], None] | None = None,
+        executor: Executor | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self._on_batch = on_batch
+        self._executor = executor
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
         self._draining: asyncio.Task[None] | None = None
 
@@ -64,7 +68,13 @@ class RequestBatcher(Generic[T, R]):
                 continue
             if self._on_batch is not None:
                 self._on_batch(len(jobs))
-            outcomes = await asyncio.to_thread(self._run, [item for item, _ in jobs])
+            items = [item for item, _ in jobs]
+            try:
+                outcomes = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, run_isolated, self._run_batch, items
+                )
+            except Exception as exc:  # the executor failed, not a request: every caller hears of it
+                outcomes = [(False, exc)] * len(jobs)
             for (_, future), (ok, value) in zip(jobs, outcomes, strict=True):
                 if future.done():
                     continue
@@ -73,15 +83,16 @@ class RequestBatcher(Generic[T, R]):
                 else:
                     future.set_exception(value)
 
-    def _run(self, items: list[T]) -> list[tuple[bool, object]]:
-        """Each item's (True, result) or (False, exception): a failed batch is retried item by item."""
-        try:
-            results = list(self._run_batch(items))
-        except Exception as exc:  # handed to the callers' futures
-            if len(items) == 1:
-                return [(False, exc)]
-            return [outcome for item in items for outcome in self._run([item])]
-        if len(results) != len(items):
-            error = RuntimeError(f"a batch of {len(items)} requests gave {len(results)} results")
-            return [(False, error)] * len(items)
-        return [(True, result) for result in results]
+
+def run_isolated(run_batch: Callable[[list[T]], Sequence[R]], items: list[T]) -> list[tuple[bool, object]]:
+    """Each item's (True, result) or (False, exception): a failed batch is retried item by item."""
+    try:
+        results = list(run_batch(items))
+    except Exception as exc:  # handed to the callers' futures
+        if len(items) == 1:
+            return [(False, exc)]
+        return [outcome for item in items for outcome in run_isolated(run_batch, [item])]
+    if len(results) != len(items):
+        error = RuntimeError(f"a batch of {len(items)} requests gave {len(results)} results")
+        return [(False, error)] * len(items)
+    return [(True, result) for result in results]

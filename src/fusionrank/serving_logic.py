@@ -130,9 +130,11 @@ class ServingSettings:
     # Seconds a product's online features are kept in the worker (`features.ProductCache`); 0: read every
     # request's products from the store. Product features change when they are materialized, hours apart.
     product_cache_seconds: float = 60.0
-    # Threads of a LambdaMART fusion's predictions (LightGBM); None: this worker's share of the CPUs
+    # Threads of a LambdaMART fusion's predictions (LightGBM); None: the model's share of the CPUs
     # (`fusion_threads`).
     fusion_threads: int | None = None
+    # The model loaded and run in a process of its own beside each worker (`fusionrank.model_process`).
+    model_process: bool = True
 
     def __post_init__(self) -> None:
         if self.retrieve_k is not None and not 1 <= self.retrieve_k <= MAX_CANDIDATES:
@@ -152,8 +154,7 @@ class ServingSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
         """Settings from FUSIONRANK_* variables (FEATURE_REPO, FEATURE_STORE_YAML, RETRIEVE_K, RERANK_K,
         INT8=on|off, STORE_RETRY_SECONDS, ADAPTIVE_BATCHING=on|off, CONTEXT_CACHE, PRODUCT_CACHE_SECONDS,
-        FUSION_THREADS);
-        unset ones keep their defaults."""
+        FUSION_THREADS, MODEL_PROCESS=on|off); unset ones keep their defaults."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         try:
@@ -177,15 +178,16 @@ class ServingSettings:
         ):
             if env.get(key):
                 values[name] = Path(env[key])
-        int8 = env.get("FUSIONRANK_INT8", "").strip().lower()
-        if int8:
-            if int8 not in ("on", "off", "true", "false", "1", "0"):
-                raise ConfigError(f"FUSIONRANK_INT8 must be on or off, got {int8!r}")
-            values["int8"] = int8 in ("on", "true", "1")
-        switch = env.get("FUSIONRANK_ADAPTIVE_BATCHING", "on").strip().lower()
-        if switch not in ("on", "off", "true", "false", "1", "0"):
-            raise ConfigError(f"FUSIONRANK_ADAPTIVE_BATCHING must be on or off, got {switch!r}")
-        values["adaptive_batching"] = switch in ("on", "true", "1")
+        for key, name in (
+            ("FUSIONRANK_INT8", "int8"),
+            ("FUSIONRANK_ADAPTIVE_BATCHING", "adaptive_batching"),
+            ("FUSIONRANK_MODEL_PROCESS", "model_process"),
+        ):
+            switch = env.get(key, "").strip().lower()
+            if switch:
+                if switch not in ("on", "off", "true", "false", "1", "0"):
+                    raise ConfigError(f"{key} must be on or off, got {switch!r}")
+                values[name] = switch in ("on", "true", "1")
         return cls(**values)
 
 
@@ -307,7 +309,7 @@ class RankingLogic:
             git_revision=str(manifest.get("git_revision", "")),
         )
         self.rerank_k = resolve_rerank_k(ranker, self.settings)
-        threads = self.settings.fusion_threads or fusion_threads()
+        threads = self.settings.fusion_threads or fusion_threads(model_process=self.settings.model_process)
         for fusion in ranker.fusions.values():
             fusion.use_threads(threads)
         for signal in ranker.signals.values():
@@ -588,17 +590,19 @@ def torch_threads(environ: Mapping[str, str] | None = None) -> int | None:
     return 1
 
 
-def fusion_threads(environ: Mapping[str, str] | None = None) -> int:
-    """LightGBM threads per worker for a LambdaMART fusion: the CPUs divided among the workers (at least 1).
+def fusion_threads(environ: Mapping[str, str] | None = None, model_process: bool = True) -> int:
+    """LightGBM threads of a LambdaMART fusion's predictions: the CPUs divided among the processes that run
+    Python (each worker, and each worker's model process where there is one), at least 1.
 
-    Unlike torch's, these threads help one worker: LightGBM releases the GIL for a whole prediction, so its
-    second thread runs on the core the worker's Python leaves idle. They compute the scores, and the TreeSHAP
-    contributions of a model that `fusionrank.treeshap`'s tables cannot hold. When LightGBM's TreeSHAP
-    explained every batch's top 10s (before those tables), one worker on this 2-core CPU served a Home Depot
-    LambdaMART bundle (100 given candidates, 10 clients) at 152.8 and 158.9 req/s with 2 threads against
-    125.3 and 128.2 with 1 (p50 61-62 ms against 75-77), in alternating runs (`benchmarks/bench_serving.py`).
+    LightGBM releases the GIL for a whole prediction, so a second thread helps where a core would otherwise
+    wait: when one worker ran the model itself on this 2-core CPU (LightGBM's own TreeSHAP then), it served a
+    Home Depot LambdaMART bundle (100 given candidates, 10 clients) at 152.8 and 158.9 req/s with 2 threads
+    against 125.3 and 128.2 with 1. With a model process the worker's HTTP side needs that core: 1 thread
+    served 207.5 and 191.2 req/s (p99 83.2, 79.3 ms) against 167.2 and 174.5 (p99 106.8, 97.8) with 2,
+    in alternating runs (`benchmarks/bench_serving.py --client wrk`).
     """
-    return max(1, _cpu_count() // serving_workers(environ))
+    processes = serving_workers(environ) * (2 if model_process else 1)
+    return max(1, _cpu_count() // processes)
 
 
 def limit_threads(threads: int) -> None:
