@@ -639,6 +639,7 @@ def latency_sweep(paths: RunPaths, args: argparse.Namespace) -> dict[str, Any]:
         "warmup_requests": args.warmup,
         "torch_threads": args.torch_threads or "1 per worker (server default)",
         "workers": args.workers,
+        "model_process": os.environ.get("FUSIONRANK_MODEL_PROCESS", "on (default)"),
         "client": args.client,
         "context_cache": args.context_cache,
         "retrieve_k": retrieve_k,

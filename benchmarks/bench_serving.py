@@ -378,6 +378,7 @@ def main() -> None:
         "concurrency": args.concurrency,
         "torch_threads": args.torch_threads or "1 per worker (server default)",
         "workers": args.workers,
+        "model_process": os.environ.get("FUSIONRANK_MODEL_PROCESS", "on (default)"),
         "client": args.client,
         "cpus": os.cpu_count(),
         "load_average": round(os.getloadavg()[0], 1),
