@@ -6,7 +6,10 @@ native calls that release the GIL). In one process the two take turns on one GIL
 parses the next requests waits while a batch runs its Python, and the batch while the loop parses. With
 `FUSIONRANK_MODEL_PROCESS=on` (the default) the worker starts a model process (`ModelProcess`): the worker
 keeps the HTTP side, the model process loads the bundle and ranks the batches the worker's
-`RequestBatcher` sends it, and each has a core. The worker never loads the model then.
+`RequestBatcher` sends it, and each has a core. The worker never loads the model then. BentoML's own way to
+split a service in two, a dependent service, would put a second HTTP pass on every request (5.0 ms of CPU
+against 2.1 ms, `fusionrank.batching`); here a batch crosses as one pickle through a pipe
+(`concurrent.futures.ProcessPoolExecutor`).
 
 The functions below run in whichever process loaded the model (`start`): the model process, or the worker
 itself with `FUSIONRANK_MODEL_PROCESS=off`. They are module functions, so that a process pool can name them.
