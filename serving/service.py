@@ -24,6 +24,7 @@ import gc
 import logging
 import os
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -73,17 +74,20 @@ class FusionRanker:
         settings = ServingSettings.from_env()
         load = (str(Path(self.bundle.path) / BUNDLE_DIR), str(self.bundle.tag))
         started = time.perf_counter()
+        # Where the model runs, one call at a time and in order, for both endpoints: a process of its own, or
+        # (FUSIONRANK_MODEL_PROCESS=off) one thread of this worker.
+        self._model: Executor
         if settings.model_process:
-            self._process = model_process.ModelProcess(model_process.start, load)
+            self._model = model_process.ModelProcess(model_process.start, load)
             try:
-                failed = self._process.submit(model_process.warm_up).result()
+                failed = self._model.submit(model_process.warm_up).result()
             except BrokenProcessPool as exc:
                 raise RuntimeError(
                     f"the model process could not load {self.bundle.tag} (its error is logged above)"
                 ) from exc
-            LOG.info("the model runs in process %d", self._process.submit(os.getpid).result())
+            LOG.info("the model runs in process %d", self._model.submit(os.getpid).result())
         else:
-            self._process = None
+            self._model = ThreadPoolExecutor(1, thread_name_prefix="fusionrank-model")
             model_process.start(*load)
             failed = model_process.warm_up()
         # before BentoML reports the worker ready: its first callers must not wait for the store to open
@@ -103,15 +107,16 @@ class FusionRanker:
             model_process.rank_batch,
             MAX_BATCH_SIZE if settings.adaptive_batching else 1,
             on_batch=sizes.observe,
-            executor=self._process,
+            executor=self._model,
         )
+        # the worker's own long-lived objects (BentoML's app, the schemas) out of later collections too, as
+        # `model_process.warm_up` did for the model where it loaded it
         gc.collect()
         gc.freeze()
 
     @bentoml.on_shutdown
-    def _stop_model_process(self) -> None:
-        if self._process is not None:
-            self._process.shutdown(cancel_futures=True)
+    def _stop_model(self) -> None:
+        self._model.shutdown(cancel_futures=True)
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def rank_batch(self, requests: list[RankRequest]) -> list[RankResponse]:
@@ -119,10 +124,8 @@ class FusionRanker:
         from fusionrank import model_process
 
         plain = [model_process.plain_request(request) for request in requests]
-        if self._process is None:
-            return model_process.rank_batch(plain)
         try:
-            return self._process.submit(model_process.rank_batch, plain).result()
+            return self._model.submit(model_process.rank_batch, plain).result()
         except BrokenProcessPool as exc:
             raise _model_process_stopped() from exc
 

@@ -853,13 +853,19 @@ def test_http_the_store_down_gives_degraded_answers(
         "FUSIONRANK_MODEL_PROCESS": "off",
     }
     log = tmp_path_factory.mktemp("serve-down") / "serve.log"
+    body = {"query": "red drill", "user_id": "u3", "k": 4}
     for url in _serve(packaged["bento"], env, log):
-        response = _post(url, {"query": "red drill", "user_id": "u3", "k": 4})
+        response = _post(url, body)
         assert response.status_code == 200, response.text
         answer = response.json()
         assert answer["degraded"]
         assert len(answer["results"]) == 4
         assert any("Redis online store" in reason for reason in answer["degraded_reasons"])
+        batched = _post(url, {"requests": [body]}, path="/rank_batch")
+        assert batched.status_code == 200, batched.text
+        assert [r["product_id"] for r in batched.json()[0]["results"]] == [
+            r["product_id"] for r in answer["results"]
+        ]
     assert "the model runs in process" not in log.read_text()
 
 
