@@ -103,6 +103,11 @@ def test_pipeline_parameters_are_read_as_yaml_and_typed_as_the_pipeline_declares
     params = parse_params(["seq_max_seconds=900", "max_users=0", "promote=false", "source=amazon-games"])
     assert params == {"seq_max_seconds": 900.0, "max_users": 0, "promote": False, "source": "amazon-games"}
     assert isinstance(params["seq_max_seconds"], float)
+    # YAML 1.1 reads 1e-4 as a string; a float parameter takes it as the number it is
+    assert parse_params(["bert_learning_rate=1e-4"]) == {"bert_learning_rate": 1e-4}
+    for bad in ("fast", "true"):
+        with pytest.raises(ConfigError, match=f"'bert_learning_rate' takes a number, got '{bad}'"):
+            parse_params([f"bert_learning_rate={bad}"])
     with pytest.raises(ConfigError, match="unknown pipeline parameter 'nope'"):
         parse_params(["nope=1"])
     with pytest.raises(ConfigError, match="key=value"):

@@ -101,9 +101,14 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
         if key not in inputs:
             raise ConfigError(f"unknown pipeline parameter {key!r}; known: {', '.join(sorted(inputs))}")
         value = yaml.safe_load(raw) if raw else ""
-        # a whole number given to a float parameter (seq_max_seconds=900): KFP refuses an int there
-        if inputs[key].type == "Float" and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        if inputs[key].type == "Float":
+            # KFP refuses an int for a float (seq_max_seconds=900), and YAML 1.1 reads 1e-4 as a string
+            try:
+                value = float(value) if not isinstance(value, bool) else None
+            except (TypeError, ValueError):
+                value = None
+            if value is None:
+                raise ConfigError(f"parameter {key!r} takes a number, got {raw!r}")
         params[key] = value
     return params
 
