@@ -107,3 +107,37 @@ def test_unknown_baseline_and_rmse() -> None:
     assert rmse([1.0, 2.0, 3.0], [1.0, 2.0, 5.0]) == pytest.approx(math.sqrt(4 / 3))
     with pytest.raises(ConfigError):
         rmse([1.0], [1.0, 2.0])
+
+
+def test_distillation_summary_is_the_share_of_the_teachers_gain_over_bm25_the_student_recovers() -> None:
+    from fusionrank.champion import _distillation_markdown, distillation_summary
+
+    qids = ["q1", "q2", "q3", "q4"]
+    examples = [RankingExample(Context(query=q), ["good", "bad"], {"good": 1.0}) for q in qids]
+    ideal, reversed_ = {"good": 2.0, "bad": 1.0}, {"good": 1.0, "bad": 2.0}
+    runs = {
+        "bm25": {q: reversed_ for q in qids},  # NDCG@10 1/log2(3) on every request
+        "bert": {q: ideal for q in qids},  # 1.0
+        "dense": {q: ideal if q in ("q1", "q2") else reversed_ for q in qids},  # half the teacher's gain
+    }
+    summary = distillation_summary(examples, runs)
+    low = 1 / math.log2(3)
+    assert summary["bm25"] == pytest.approx(low)
+    assert summary["bert"] == pytest.approx(1.0)
+    assert summary["teacher_gain"] == pytest.approx(1 - low)
+    assert summary["student_gain"] == pytest.approx((1 - low) / 2)
+    assert summary["recovered"] == pytest.approx(0.5)
+    assert summary["meets_target"] is False
+    assert summary["requests"] == 4
+    assert "recovers 50.0% of the teacher's gain (misses the 80% target)" in _distillation_markdown(summary)
+
+    runs["dense"] = runs["bert"]
+    assert distillation_summary(examples, runs)["meets_target"] is True
+    # a teacher no better than BM25 leaves nothing to recover: no share, and the report says why
+    runs["bert"] = runs["bm25"]
+    summary = distillation_summary(examples, runs)
+    assert summary["recovered"] is None
+    assert summary["meets_target"] is False
+    assert "does not beat bm25" in _distillation_markdown(summary)
+    # recommendation runs have no BM25 signal: no summary
+    assert distillation_summary(examples, {k: v for k, v in runs.items() if k != "bm25"}) is None

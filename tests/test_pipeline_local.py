@@ -64,6 +64,12 @@ def test_approved_run_packages_and_registers_a_champion(approved: LocalRun, home
     # the bi-encoder step: dense scores on every candidate, hybrid rows, recall of each generator
     assert set(evaluation["generator_recall"]["test"]) == {"bm25", "dense", "rrf@100", "hybrid@100+20"}
     assert "recall@100" in approved.artifact("evaluate", "table").read_text()
+    # issue #11's distillation figure: the three signals alone on the same test requests
+    distillation = evaluation["distillation"]
+    assert distillation["requests"] == evaluation["report"]["slices"]["all"]["n_queries"]
+    assert distillation["teacher_gain"] == pytest.approx(distillation["bert"] - distillation["bm25"])
+    table = approved.artifact("evaluate", "table").read_text()
+    assert "Distillation: the bi-encoder against its teacher" in table
     report = approved.artifact("evaluate", "report")
     assert {p.name for p in report.iterdir()} >= {"report.md", "report.json", "ndcg10.png"}
     assert "Kaggle" in (report / "report.md").read_text()  # the published figures of the source

@@ -102,6 +102,10 @@ def evaluate_candidate(scored_dir: Path, fusion_dir: Path, registry_uri: str, mo
     if recall:
         result["generator_recall"] = recall
         markdown.append(_recall_markdown(recall))
+    distillation = distillation_summary(examples, runs)
+    if distillation is not None:
+        result["distillation"] = distillation
+        markdown.append(_distillation_markdown(distillation))
     champion = _champion_runs(registry_uri, model_name, examples, test)
     if champion is not None:
         version, champion_run = champion
@@ -123,6 +127,72 @@ def evaluate_candidate(scored_dir: Path, fusion_dir: Path, registry_uri: str, mo
         **({f"champion_{k}": v for k, v in result["champion"].items()} if result["champion"] else {}),
     }
     return result
+
+
+# issue #11's distillation target: the bi-encoder (student) against the cross-encoder (teacher), each alone,
+# as gains over the lexical first stage on the same test candidates
+TEACHER, STUDENT, LEXICAL = "bert", "dense", "bm25"
+RECOVERY_TARGET = 0.8
+
+
+def distillation_summary(examples, runs: dict[str, dict]) -> dict | None:
+    """The share of the cross-encoder's NDCG@10 gain over BM25 that the distilled bi-encoder recovers.
+
+    Each signal ranks the test candidates alone; both gains are measured against BM25 on the same requests,
+    with ranx's paired test of each against BM25. `recovered` is None when the teacher does not beat BM25
+    (there is no gain to recover). None without all three signals (recommendation runs have no BM25).
+    """
+    from fusionrank.evaluation import evaluate_runs
+
+    if not {TEACHER, STUDENT, LEXICAL} <= runs.keys():
+        return None
+    names = (LEXICAL, TEACHER, STUDENT)
+    report = evaluate_runs(examples, {n: runs[n] for n in names}, [GATE_METRIC], baseline=LEXICAL)
+    ndcg = {n: report.mean(n, GATE_METRIC) for n in names}
+    p_values = report.slices[0].p_values
+    teacher_gain, student_gain = ndcg[TEACHER] - ndcg[LEXICAL], ndcg[STUDENT] - ndcg[LEXICAL]
+    recovered = student_gain / teacher_gain if teacher_gain > 0 else None
+    return {
+        "metric": GATE_METRIC,
+        "requests": report.slices[0].n_queries,
+        LEXICAL: ndcg[LEXICAL],
+        TEACHER: ndcg[TEACHER],
+        STUDENT: ndcg[STUDENT],
+        "teacher_gain": teacher_gain,
+        "student_gain": student_gain,
+        "p_teacher_vs_lexical": p_values.get(TEACHER, {}).get(GATE_METRIC),
+        "p_student_vs_lexical": p_values.get(STUDENT, {}).get(GATE_METRIC),
+        "recovered": recovered,
+        "target": RECOVERY_TARGET,
+        "meets_target": recovered is not None and recovered >= RECOVERY_TARGET,
+    }
+
+
+def _distillation_markdown(d: dict) -> str:
+    def p(value: float | None) -> str:
+        return "" if value is None else f"{value:.2g}"
+
+    lines = [
+        f"### Distillation: the bi-encoder against its teacher, each alone ({d['requests']} test requests)",
+        "",
+        f"| signal | {d['metric']} | gain over {LEXICAL} | p against {LEXICAL} |",
+        "|---|---:|---:|---:|",
+        f"| {LEXICAL} (lexical first stage) | {d[LEXICAL]:.4f} | | |",
+        f"| {TEACHER} (cross-encoder, teacher) | {d[TEACHER]:.4f} | {d['teacher_gain']:+.4f} | "
+        f"{p(d['p_teacher_vs_lexical'])} |",
+        f"| {STUDENT} (bi-encoder, student) | {d[STUDENT]:.4f} | {d['student_gain']:+.4f} | "
+        f"{p(d['p_student_vs_lexical'])} |",
+        "",
+    ]
+    if d["recovered"] is None:
+        lines.append(f"The teacher does not beat {LEXICAL}: there is no gain for the bi-encoder to recover.")
+    else:
+        verdict = "meets" if d["meets_target"] else "misses"
+        lines.append(
+            f"The bi-encoder recovers {d['recovered']:.1%} of the teacher's gain "
+            f"({verdict} the {d['target']:.0%} target)."
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _generator_recall(scored_dir: Path) -> dict[str, dict[str, float]]:
