@@ -112,3 +112,32 @@ def test_pipeline_parameters_are_read_as_yaml_and_typed_as_the_pipeline_declares
         parse_params(["nope=1"])
     with pytest.raises(ConfigError, match="key=value"):
         parse_params(["max_users"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_local_run_stops_its_running_step(tmp_path: Path, data_dir: Path) -> None:
+    """kfp.local runs each step as a child: a SIGTERM to `fusionrank run` alone must not leave it running."""
+    import signal
+    import time
+
+    import psutil
+
+    from fusionrank.orchestration import SMOKE_PARAMS
+
+    params = [f"--param={k}={json.dumps(v)}" for k, v in {**SMOKE_PARAMS, "data_dir": str(data_dir)}.items()]
+    command = [*FUSIONRANK, "run", "--local", "--home", str(tmp_path), *params]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, steps = time.monotonic() + 120, []
+        while not steps and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.2)
+            children = psutil.Process(run.pid).children(recursive=True)
+            steps = [c for c in children if "executor_main" in " ".join(c.cmdline())]
+        assert steps, "no step started within 120 s"
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(steps, timeout=5)
+        assert alive == [], f"steps outlived the run: {[c.pid for c in alive]}"
+    finally:
+        if run.poll() is None:
+            run.kill()

@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import re
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -200,7 +202,7 @@ def run_local(params: dict[str, object], home: Path | None = None, runner: str =
         started = time.time()
         outcome, error = None, None
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _steps_stop_with_run():
                 # Expected locally: resources apply on a cluster only, and the subprocess tasks run in this
                 # environment, which holds the same fusionrank package as the component image.
                 warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
@@ -216,6 +218,38 @@ def run_local(params: dict[str, object], home: Path | None = None, runner: str =
     if run_dir is not None:
         (run_dir / ARGUMENTS_FILE).write_text(json.dumps(arguments, indent=2, sort_keys=True))
     return LocalRun(root, run_dir, outcome, seconds, steps, error)
+
+
+@contextlib.contextmanager
+def _steps_stop_with_run(grace_seconds: float = 10.0):
+    """A SIGTERM to the run stops the step it is running, then exits 128 + 15.
+
+    kfp.local starts each task as a child process and waits for it; a SIGTERM sent to this process alone (a
+    supervisor, a CI timeout, `kill`) would end it and leave the step running on, writing into the run
+    folder. The step gets SIGTERM too, SIGKILL after `grace_seconds`. Only the main thread can set a handler;
+    elsewhere the block runs without one.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import psutil
+
+    def stop(signum: int, _frame: object) -> None:
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.terminate()
+        _, alive = psutil.wait_procs(children, timeout=grace_seconds)
+        for child in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
