@@ -121,23 +121,73 @@ def test_distillation_summary_is_the_share_of_the_teachers_gain_over_bm25_the_st
         "dense": {q: ideal if q in ("q1", "q2") else reversed_ for q in qids},  # half the teacher's gain
     }
     summary = distillation_summary(examples, runs)
+    alone = summary["readings"]["alone"]
+    assert list(summary["readings"]) == ["alone"]  # no frames: no fused reading
     low = 1 / math.log2(3)
-    assert summary["bm25"] == pytest.approx(low)
-    assert summary["bert"] == pytest.approx(1.0)
-    assert summary["teacher_gain"] == pytest.approx(1 - low)
-    assert summary["student_gain"] == pytest.approx((1 - low) / 2)
-    assert summary["recovered"] == pytest.approx(0.5)
-    assert summary["meets_target"] is False
+    assert alone["bm25"] == pytest.approx(low)
+    assert alone["bert"] == pytest.approx(1.0)
+    assert alone["teacher_gain"] == pytest.approx(1 - low)
+    assert alone["student_gain"] == pytest.approx((1 - low) / 2)
+    assert alone["recovered"] == pytest.approx(0.5)
+    assert alone["meets_target"] is False
     assert summary["requests"] == 4
-    assert "recovers 50.0% of the teacher's gain (misses the 80% target)" in _distillation_markdown(summary)
+    assert "| alone | 0.6309 | 1.0000, +0.3691, " in _distillation_markdown(summary)
+    assert "| 50.0% |" in _distillation_markdown(summary)
 
     runs["dense"] = runs["bert"]
-    assert distillation_summary(examples, runs)["meets_target"] is True
-    # a teacher no better than BM25 leaves nothing to recover: no share, and the report says why
+    assert distillation_summary(examples, runs)["readings"]["alone"]["meets_target"] is True
+    # a teacher no better than BM25 leaves nothing to recover: no share, and the report says so
     runs["bert"] = runs["bm25"]
-    summary = distillation_summary(examples, runs)
-    assert summary["recovered"] is None
-    assert summary["meets_target"] is False
-    assert "does not beat bm25" in _distillation_markdown(summary)
+    alone = distillation_summary(examples, runs)["readings"]["alone"]
+    assert alone["recovered"] is None
+    assert alone["meets_target"] is False
+    assert "no gain to recover" in _distillation_markdown(distillation_summary(examples, runs))
     # recommendation runs have no BM25 signal: no summary
     assert distillation_summary(examples, {k: v for k, v in runs.items() if k != "bm25"}) is None
+
+
+def test_distillation_summary_fused_reading_fits_on_valid_and_scores_test() -> None:
+    """Each signal fused with BM25 (weighted, fitted on the validation frame), against BM25 on test."""
+    import pandas as pd
+
+    from fusionrank.champion import distillation_summary, frame_run
+
+    def frame(seed: int) -> tuple[pd.DataFrame, list[RankingExample]]:
+        rng = np.random.default_rng(seed)
+        parts, examples = [], []
+        for q in range(30):
+            gain = rng.choice([0.0, 0.0, 0.0, 1.0, 2.0], size=8)
+            gain[0] = 2.0
+            example = RankingExample(Context(query=f"query {q}"), [f"p{q}-{i}" for i in range(8)])
+            example.gains.update({p: g for p, g in zip(example.candidates, gain, strict=True) if g > 0})
+            examples.append(example)
+            teacher = gain + rng.normal(0, 0.5, 8)
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "qid": example.qid,
+                        "product_id": example.candidates,
+                        "gain": gain,
+                        "s_bm25": gain + rng.normal(0, 2.0, 8),
+                        "s_bert": teacher,
+                        "s_dense": teacher,  # a student as good as its teacher
+                    }
+                )
+            )
+        return pd.concat(parts, ignore_index=True), examples
+
+    valid, _ = frame(0)
+    test, examples = frame(1)
+    runs = {c.removeprefix("s_"): frame_run(test, test[c]) for c in ("s_bm25", "s_bert", "s_dense")}
+    summary = distillation_summary(examples, runs, (valid, test))
+    fused = summary["readings"]["fused with bm25"]
+    assert fused["teacher_gain"] > 0
+    assert fused["p_teacher_vs_lexical"] < 0.05
+    assert fused["recovered"] == pytest.approx(1.0)
+    assert fused["meets_target"] is True
+    # a student that is noise recovers less of the fused gain than the teacher's own
+    test["s_dense"] = np.random.default_rng(2).normal(size=len(test))
+    valid["s_dense"] = np.random.default_rng(3).normal(size=len(valid))
+    runs["dense"] = frame_run(test, test["s_dense"])
+    fused = distillation_summary(examples, runs, (valid, test))["readings"]["fused with bm25"]
+    assert fused["recovered"] < 0.5

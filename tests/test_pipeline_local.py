@@ -67,7 +67,9 @@ def test_approved_run_packages_and_registers_a_champion(approved: LocalRun, home
     # issue #11's distillation figure: the three signals alone on the same test requests
     distillation = evaluation["distillation"]
     assert distillation["requests"] == evaluation["report"]["slices"]["all"]["n_queries"]
-    assert distillation["teacher_gain"] == pytest.approx(distillation["bert"] - distillation["bm25"])
+    assert set(distillation["readings"]) == {"alone", "fused with bm25"}
+    for reading in distillation["readings"].values():
+        assert reading["teacher_gain"] == pytest.approx(reading["bert"] - reading["bm25"])
     table = approved.artifact("evaluate", "table").read_text()
     assert "Distillation: the bi-encoder against its teacher" in table
     report = approved.artifact("evaluate", "report")
