@@ -106,11 +106,11 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
         if inputs[key].type == "Float":
             # KFP refuses an int for a float (seq_max_seconds=900), and YAML 1.1 reads 1e-4 as a string
             try:
-                value = float(value) if not isinstance(value, bool) else None
+                if isinstance(value, bool):
+                    raise ValueError(raw)
+                value = float(value)
             except (TypeError, ValueError):
-                value = None
-            if value is None:
-                raise ConfigError(f"parameter {key!r} takes a number, got {raw!r}")
+                raise ConfigError(f"parameter {key!r} takes a number, got {raw!r}") from None
         params[key] = value
     return params
 
