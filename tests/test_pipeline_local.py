@@ -64,7 +64,7 @@ def test_approved_run_packages_and_registers_a_champion(approved: LocalRun, home
     # the bi-encoder step: dense scores on every candidate, hybrid rows, recall of each generator
     assert set(evaluation["generator_recall"]["test"]) == {"bm25", "dense", "rrf@100", "hybrid@100+20"}
     assert "recall@100" in approved.artifact("evaluate", "table").read_text()
-    # issue #11's distillation figure: the three signals alone on the same test requests
+    # issue #11's distillation figure: BM25, teacher and student, alone and fused with BM25
     distillation = evaluation["distillation"]
     assert distillation["requests"] == evaluation["report"]["slices"]["all"]["n_queries"]
     assert set(distillation["readings"]) == {"alone", "fused with bm25"}
