@@ -142,8 +142,8 @@ def distillation_summary(
     """The share of the cross-encoder's NDCG@10 gain over BM25 that the distilled bi-encoder recovers.
 
     Two readings, each on the same test requests with ranx's paired test against BM25: each signal ranking
-    the candidates alone, and each fused with BM25 (a weighted fusion of the two), which
-    is how the ranker uses them: a re-ranker's gain over its first stage. `frames` is (valid, test): the
+    the candidates alone, and each fused with BM25 (a weighted fusion of the two), which is how the ranker
+    uses them: a re-ranker's gain over its first stage. `frames` is (valid, test): the
     fusions are fitted on the first and score the second, the frame of `examples`. A reading's `recovered`
     is None when the teacher does not beat BM25 in it (there is no gain to recover). None without all three
     signals (recommendation runs have no BM25); without `frames`, the alone reading only.
@@ -153,30 +153,34 @@ def distillation_summary(
 
     if not {TEACHER, STUDENT, LEXICAL} <= runs.keys():
         return None
-    readings = {ALONE: {TEACHER: runs[TEACHER], STUDENT: runs[STUDENT]}}
+    # reading -> the run names of (teacher, student); every run is evaluated in one pass against BM25
+    readings, compared = {ALONE: (TEACHER, STUDENT)}, {n: runs[n] for n in (LEXICAL, TEACHER, STUDENT)}
     if frames is not None:
         valid, test = frames
-        lexical = SIGNAL_PREFIX + LEXICAL
-        readings[FUSED] = {
-            name: fused_run(fit_weighted(valid, [lexical, SIGNAL_PREFIX + name]), test)
-            for name in (TEACHER, STUDENT)
-        }
-    summary: dict = {"metric": GATE_METRIC, "target": RECOVERY_TARGET, "readings": {}}
-    for reading, pair in readings.items():
-        report = evaluate_runs(examples, {LEXICAL: runs[LEXICAL], **pair}, [GATE_METRIC], baseline=LEXICAL)
-        ndcg = {n: report.mean(n, GATE_METRIC) for n in (LEXICAL, TEACHER, STUDENT)}
-        p_values = report.slices[0].p_values
-        teacher_gain, student_gain = ndcg[TEACHER] - ndcg[LEXICAL], ndcg[STUDENT] - ndcg[LEXICAL]
+        readings[FUSED] = (f"{LEXICAL}+{TEACHER}", f"{LEXICAL}+{STUDENT}")
+        for name in (TEACHER, STUDENT):
+            fusion = fit_weighted(valid, [SIGNAL_PREFIX + LEXICAL, SIGNAL_PREFIX + name])
+            compared[f"{LEXICAL}+{name}"] = fused_run(fusion, test)
+    report = evaluate_runs(examples, compared, [GATE_METRIC], baseline=LEXICAL)
+    p_values = report.slices[0].p_values
+    lexical = report.mean(LEXICAL, GATE_METRIC)
+    summary: dict = {
+        "metric": GATE_METRIC,
+        "target": RECOVERY_TARGET,
+        "requests": report.slices[0].n_queries,
+        "readings": {},
+    }
+    for reading, (teacher, student) in readings.items():
+        ndcg = {TEACHER: report.mean(teacher, GATE_METRIC), STUDENT: report.mean(student, GATE_METRIC)}
+        teacher_gain, student_gain = ndcg[TEACHER] - lexical, ndcg[STUDENT] - lexical
         recovered = student_gain / teacher_gain if teacher_gain > 0 else None
-        summary["requests"] = report.slices[0].n_queries
         summary["readings"][reading] = {
-            LEXICAL: ndcg[LEXICAL],
-            TEACHER: ndcg[TEACHER],
-            STUDENT: ndcg[STUDENT],
+            LEXICAL: lexical,
+            **ndcg,
             "teacher_gain": teacher_gain,
             "student_gain": student_gain,
-            "p_teacher_vs_lexical": p_values.get(TEACHER, {}).get(GATE_METRIC),
-            "p_student_vs_lexical": p_values.get(STUDENT, {}).get(GATE_METRIC),
+            "p_teacher_vs_lexical": p_values.get(teacher, {}).get(GATE_METRIC),
+            "p_student_vs_lexical": p_values.get(student, {}).get(GATE_METRIC),
             "recovered": recovered,
             "meets_target": recovered is not None and recovered >= RECOVERY_TARGET,
         }
