@@ -24,6 +24,7 @@ def finetune_biencoder(
     int8: bool,
     seed: int,
     user_vectors_max: int,
+    distill_weight: float,
     all_signals: Output[Model],
     dense_frames: Output[Dataset],
     metrics: Output[Metrics],
@@ -52,6 +53,7 @@ def finetune_biencoder(
         all_signals.path,
         dense_frames.path,
         user_vectors_max,
+        distill_weight,
     )
     for name, value in figures.items():
         metrics.log_metric(name.replace("@", "_at_"), value)

@@ -110,6 +110,7 @@ def training_pipeline(
     bi_max_length: int = 48,
     bi_learning_rate: float = 5e-5,
     bi_max_train_samples: int = 0,
+    bi_distill_weight: float = 1.0,
     embed_max_products: int = 0,
     user_vectors_max: int = -1,
     hybrid_k: int = 20,
@@ -213,6 +214,7 @@ def training_pipeline(
             int8=int8_serving,
             seed=seed,
             user_vectors_max=user_vectors_max,
+            distill_weight=bi_distill_weight,
         ).set_caching_options(True),
         HEAVY,
     )

@@ -176,6 +176,21 @@ def test_dense_signal_scores_retrieves_and_round_trips(
     assert np.allclose(again, signal.score(query, ["p0", "p3"]), atol=1e-5)
 
 
+def test_the_served_signal_encodes_at_the_trained_length_and_keeps_the_training_record(
+    tiny: Path, products: pd.DataFrame, tmp_path: Path
+) -> None:
+    config = BiEncoderConfig(batch_size=8, max_length=12, distill_weight=3.0, max_steps=2)
+    finetune_bi_encoder(toy_pairs(), None, tiny, tmp_path / "bi", config)
+    DenseSignal.build(BiEncoder.load(tmp_path / "bi"), products, int8=False).save(tmp_path / "dense")
+    served = DenseSignal.load(tmp_path / "dense").encoder
+    assert served.max_length == 12  # not the default: a long query is cut where training cut it
+    assert served.record["settings"]["distill_weight"] == 3.0
+    # a model without a training record keeps the length it was loaded with across a save
+    plain = BiEncoder.load(tiny)
+    plain.max_length = 20
+    assert BiEncoder.load(plain.save(tmp_path / "plain")).max_length == 20
+
+
 def test_a_damaged_embedding_file_is_named(tiny: Path, products: pd.DataFrame, tmp_path: Path) -> None:
     DenseSignal.build(BiEncoder.load(tiny), products).save(tmp_path / "dense")
     np.save(tmp_path / "dense" / "embeddings.npy", np.zeros((3, 2), dtype=np.float32))

@@ -150,3 +150,23 @@ def test_ingest_reads_the_data_volume_and_cluster_runs_point_at_it(spec):
     assert one_off["data_dir"] == CLUSTER_DATA_DIR
     assert one_off["git_revision"]
     assert cluster_params({"data_dir": "/elsewhere"}, with_revision=False) == {"data_dir": "/elsewhere"}
+
+
+def test_every_pipeline_parameter_reaches_a_task(spec):
+    ir, _ = spec
+    read: set[str] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if "componentInputParameter" in node:
+                read.add(node["componentInputParameter"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(ir["root"]["dag"])
+    assert set(ir["root"]["inputDefinitions"]["parameters"]) - read == set(), "parameters no task reads"
+    _, bi = all_tasks(ir)["finetune-biencoder"]
+    assert bi["inputs"]["parameters"]["distill_weight"] == {"componentInputParameter": "bi_distill_weight"}

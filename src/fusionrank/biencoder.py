@@ -125,10 +125,13 @@ class BiEncoder:
         max_length: int = BiEncoderConfig.max_length,
         autocast_dtype: torch.dtype | None = None,
         onnx: Any = None,
+        record: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
+        # what `finetune_bi_encoder` recorded of the training run (settings, figures); saved with the model
+        self.record = record
         self.autocast_dtype = autocast_dtype
         # int8 inference: an ONNX Runtime session (`fusionrank.onnx_inference`) that encodes in its place
         self.onnx = onnx
@@ -165,11 +168,11 @@ class BiEncoder:
             dtype = torch.bfloat16 if resolved.type == "cuda" else torch.float32
         model = AutoModel.from_pretrained(path, dtype=dtype, add_pooling_layer=False).to(resolved).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
-        max_length = BiEncoderConfig.max_length
-        record = path / BIENCODER_JSON
-        if record.is_file():
-            max_length = int(json.loads(record.read_text())["settings"]["max_length"])
-        encoder = cls(model, tokenizer, max_length=max_length)
+        max_length, record = BiEncoderConfig.max_length, None
+        if (path / BIENCODER_JSON).is_file():
+            record = json.loads((path / BIENCODER_JSON).read_text())
+            max_length = int(record["settings"]["max_length"])
+        encoder = cls(model, tokenizer, max_length=max_length, record=record)
         return encoder.int8() if quantize else encoder
 
     def int8(self) -> BiEncoder:
@@ -180,7 +183,7 @@ class BiEncoder:
         from fusionrank.onnx_inference import OnnxInt8Model
 
         onnx = OnnxInt8Model.from_torch(self.model, "embedding")
-        return BiEncoder(self.model, self.tokenizer, self.max_length, onnx=onnx)
+        return BiEncoder(self.model, self.tokenizer, self.max_length, onnx=onnx, record=self.record)
 
     def encode(self, texts: list[str] | tuple[str, ...], batch_size: int = 256) -> np.ndarray:
         """The unit-length float32 embedding of each text, in input order ([len(texts), dimension])."""
@@ -218,6 +221,9 @@ class BiEncoder:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(output_dir)
         self.tokenizer.save_pretrained(output_dir)
+        # the length it was trained at goes with it: loaded without it, it would encode at the default
+        record = self.record or {"settings": {"max_length": self.max_length}}
+        (output_dir / BIENCODER_JSON).write_text(json.dumps(record, indent=2))
         return output_dir
 
 

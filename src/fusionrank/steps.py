@@ -672,6 +672,7 @@ def biencoder_step(
     out_signals_dir: str,
     out_scored_dir: str,
     user_vectors_max: int = -1,
+    distill_weight: float = 1.0,
 ) -> dict[str, float]:
     """Distil the fine-tuned cross-encoder into a bi-encoder; add the dense signal to the run.
 
@@ -709,7 +710,12 @@ def biencoder_step(
     pairs["teacher"] = teacher.score(pairs["context"].tolist(), pairs["text"].tolist())
     valid_frame, valid_contexts = read_frames(scored_dir, "valid")
     config = BiEncoderConfig(
-        epochs=epochs, batch_size=batch_size, max_length=max_length, learning_rate=learning_rate, seed=seed
+        epochs=epochs,
+        batch_size=batch_size,
+        max_length=max_length,
+        learning_rate=learning_rate,
+        distill_weight=distill_weight,
+        seed=seed,
     )
     frames = {which: read_frames(scored_dir, which) for which in EVAL_SPLITS}
     with tempfile.TemporaryDirectory(prefix="fusionrank-biencoder-") as scratch:
