@@ -25,6 +25,7 @@ def finetune_biencoder(
     seed: int,
     user_vectors_max: int,
     distill_weight: float,
+    teacher_scale: float,
     all_signals: Output[Model],
     dense_frames: Output[Dataset],
     metrics: Output[Metrics],
@@ -54,6 +55,7 @@ def finetune_biencoder(
         dense_frames.path,
         user_vectors_max,
         distill_weight,
+        teacher_scale,
     )
     for name, value in figures.items():
         metrics.log_metric(name.replace("@", "_at_"), value)

@@ -111,6 +111,7 @@ def training_pipeline(
     bi_learning_rate: float = 5e-5,
     bi_max_train_samples: int = 0,
     bi_distill_weight: float = 1.0,
+    bi_teacher_scale: float = 1.0,
     embed_max_products: int = 0,
     user_vectors_max: int = -1,
     hybrid_k: int = 20,
@@ -215,6 +216,7 @@ def training_pipeline(
             seed=seed,
             user_vectors_max=user_vectors_max,
             distill_weight=bi_distill_weight,
+            teacher_scale=bi_teacher_scale,
         ).set_caching_options(True),
         HEAVY,
     )

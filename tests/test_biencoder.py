@@ -48,7 +48,14 @@ def toy_pairs(groups: int = 40, teacher: bool = True) -> pd.DataFrame:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("batch_size", 0), ("temperature", 0.0), ("distill_weight", -1.0), ("max_length", 2), ("group_size", 0)],
+    [
+        ("batch_size", 0),
+        ("temperature", 0.0),
+        ("distill_weight", -1.0),
+        ("teacher_scale", 0.0),
+        ("max_length", 2),
+        ("group_size", 0),
+    ],
 )
 def test_impossible_settings_are_refused_with_their_name(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
@@ -123,6 +130,28 @@ def test_other_relevant_products_of_a_group_are_not_its_negatives() -> None:
     expected = torch.logsumexp(logits[0, [0, 2]], 0) - logits[0, 0]
     assert masked.item() == pytest.approx(expected.item(), rel=1e-5)
     assert masked.item() < (torch.logsumexp(logits[0], 0) - logits[0, 0]).item()
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_margin_mse_compares_the_students_margins_with_the_scaled_teachers(scale: float) -> None:
+    pairs = pd.DataFrame(
+        {
+            "context": ["q"] * 3,
+            "text": ["best", "fair", "bad"],
+            "label": [2.0, 0.0, 0.0],
+            "group": ["g"] * 3,
+            "teacher": [1.5, 0.5, -0.25],
+        }
+    )
+    config = BiEncoderConfig(temperature=0.5, teacher_scale=scale)
+    groups = _training_groups(pairs, config, np.random.default_rng(0))
+    query = torch.tensor([[1.0, 0.0]])
+    products = torch.nn.functional.normalize(torch.tensor([[0.8, 0.6], [0.6, 0.8], [0.0, 1.0]]), dim=-1)
+    _, margin = _group_loss(query, products, [0], groups, config)
+    anchor = products[0] @ query[0]
+    student = torch.stack([anchor - products[1] @ query[0], anchor - products[2] @ query[0]]) / 0.5
+    wanted = torch.tensor([1.0, 1.75]) * scale  # the teacher's margins of the anchor over each other
+    assert margin.item() == pytest.approx(((student - wanted) ** 2).mean().item(), rel=1e-5)
 
 
 def test_encodings_are_unit_length_in_input_order_and_int8_stays_close(tiny: Path) -> None:

@@ -169,4 +169,5 @@ def test_every_pipeline_parameter_reaches_a_task(spec):
     walk(ir["root"]["dag"])
     assert set(ir["root"]["inputDefinitions"]["parameters"]) - read == set(), "parameters no task reads"
     _, bi = all_tasks(ir)["finetune-biencoder"]
-    assert bi["inputs"]["parameters"]["distill_weight"] == {"componentInputParameter": "bi_distill_weight"}
+    for name in ("distill_weight", "teacher_scale"):
+        assert bi["inputs"]["parameters"][name] == {"componentInputParameter": f"bi_{name}"}

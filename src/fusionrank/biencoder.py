@@ -60,6 +60,10 @@ class BiEncoderConfig:
     product of the batch is a negative of every other group's context (in-batch negatives). `temperature`
     sets the scale of the student's scores (cosine / temperature), on which both losses act.
     `distill_weight` weighs the margin-MSE loss against the contrastive one (0 turns distillation off).
+    `teacher_scale` multiplies the teacher's margins before they are compared with the student's: the
+    student's scores lie up to 2 / `temperature` apart (40 at 0.05), a regression cross-encoder's within
+    about the label range (1.5 on Home Depot), so at 1 the margin-MSE pulls the student's margins far below
+    the ones the contrastive loss asks for.
     """
 
     max_length: int = 48
@@ -71,6 +75,7 @@ class BiEncoderConfig:
     warmup_ratio: float = 0.1
     temperature: float = 0.05
     distill_weight: float = 1.0
+    teacher_scale: float = 1.0
     seed: int = 0
     max_train_groups: int | None = None
     max_steps: int | None = None
@@ -88,7 +93,7 @@ class BiEncoderConfig:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.group_size < 1:
             problems.append(f"group_size must be at least 1 (the anchor), got {self.group_size}")
-        for name in ("learning_rate", "temperature"):
+        for name in ("learning_rate", "temperature", "teacher_scale"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 problems.append(f"{name} must be a positive number, got {value}")
@@ -308,7 +313,8 @@ def _group_loss(
             continue
         own = logits[row, start : start + len(scores)]
         student.append(own[0] - own[1:])
-        teacher.append(torch.as_tensor(scores[0] - scores[1:], dtype=torch.float32, device=device))
+        margins = config.teacher_scale * (scores[0] - scores[1:])
+        teacher.append(torch.as_tensor(margins, dtype=torch.float32, device=device))
     if not student or config.distill_weight == 0:
         return contrastive, logits.new_zeros(())
     return contrastive, functional.mse_loss(torch.cat(student), torch.cat(teacher))

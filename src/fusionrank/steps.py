@@ -673,6 +673,7 @@ def biencoder_step(
     out_scored_dir: str,
     user_vectors_max: int = -1,
     distill_weight: float = 1.0,
+    teacher_scale: float = 1.0,
 ) -> dict[str, float]:
     """Distil the fine-tuned cross-encoder into a bi-encoder; add the dense signal to the run.
 
@@ -715,6 +716,7 @@ def biencoder_step(
         max_length=max_length,
         learning_rate=learning_rate,
         distill_weight=distill_weight,
+        teacher_scale=teacher_scale,
         seed=seed,
     )
     frames = {which: read_frames(scored_dir, which) for which in EVAL_SPLITS}
