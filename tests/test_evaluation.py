@@ -110,7 +110,7 @@ def test_unknown_baseline_and_rmse() -> None:
 
 
 def test_distillation_summary_is_the_share_of_the_teachers_gain_over_bm25_the_student_recovers() -> None:
-    from fusionrank.champion import _distillation_markdown, distillation_summary
+    from fusionrank.champion import distillation_markdown, distillation_summary
 
     qids = ["q1", "q2", "q3", "q4"]
     examples = [RankingExample(Context(query=q), ["good", "bad"], {"good": 1.0}) for q in qids]
@@ -131,8 +131,8 @@ def test_distillation_summary_is_the_share_of_the_teachers_gain_over_bm25_the_st
     assert alone["recovered"] == pytest.approx(0.5)
     assert alone["meets_target"] is False
     assert summary["requests"] == 4
-    assert "| alone | 0.6309 | 1.0000, +0.3691, " in _distillation_markdown(summary)
-    assert "| 50.0% |" in _distillation_markdown(summary)
+    assert "| alone | 0.6309 | 1.0000, +0.3691, " in distillation_markdown(summary)
+    assert "| 50.0% |" in distillation_markdown(summary)
 
     runs["dense"] = runs["bert"]
     assert distillation_summary(examples, runs)["readings"]["alone"]["meets_target"] is True
@@ -141,7 +141,7 @@ def test_distillation_summary_is_the_share_of_the_teachers_gain_over_bm25_the_st
     alone = distillation_summary(examples, runs)["readings"]["alone"]
     assert alone["recovered"] is None
     assert alone["meets_target"] is False
-    assert "no gain to recover" in _distillation_markdown(distillation_summary(examples, runs))
+    assert "no gain to recover" in distillation_markdown(distillation_summary(examples, runs))
     # recommendation runs have no BM25 signal: no summary
     assert distillation_summary(examples, {k: v for k, v in runs.items() if k != "bm25"}) is None
 

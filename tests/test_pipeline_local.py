@@ -136,3 +136,36 @@ def test_invalid_data_stops_at_validation_with_the_report(tmp_path: Path) -> Non
     assert not run.ran("split")
     assert not run.ran("finetune-bert")
     assert registry(home).versions() == []
+
+
+def test_the_distillation_benchmark_retrains_the_student_on_a_run_without_writing_to_it(
+    approved: LocalRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distillation.py"
+    spec = importlib.util.spec_from_file_location("bench_distillation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run_dir = approved.run_dir
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+    given = ["--run", str(run_dir), "--out", str(tmp_path / "refused")]
+    assert bench.main([*given, "-p", "bi_teacher_scale=big"]) == 2
+    assert bench.main([*given, "-p", "candidates_k=5"]) == 2
+    assert "candidates_k" in capsys.readouterr().err
+    out = tmp_path / "weighted"
+    args = ["--run", str(run_dir), "--out", str(out), "-p", "bi_distill_weight=3", "-p", "bi_teacher_scale=2"]
+    assert bench.main(args) == 0
+    assert "Distillation: the bi-encoder against its teacher" in capsys.readouterr().out
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arguments"]["bi_max_length"] == SMALL["bi_max_length"]  # the run's, not the default
+    settings = json.loads((out / "signals" / "dense" / "model" / "biencoder.json").read_text())["settings"]
+    assert (settings["distill_weight"], settings["teacher_scale"]) == (3.0, 2.0)
+    assert settings["max_length"] == SMALL["bi_max_length"]
+    # the same BM25 on the same test requests as the run's own figure; only the student changed
+    run_figure = json.loads(approved.artifact("evaluate", "evaluation").read_text())["distillation"]
+    for reading, values in summary["distillation"]["readings"].items():
+        assert values["bm25"] == pytest.approx(run_figure["readings"][reading]["bm25"])
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before

@@ -105,7 +105,7 @@ def evaluate_candidate(scored_dir: Path, fusion_dir: Path, registry_uri: str, mo
     distillation = distillation_summary(examples, runs, (valid, test))
     if distillation is not None:
         result["distillation"] = distillation
-        markdown.append(_distillation_markdown(distillation))
+        markdown.append(distillation_markdown(distillation))
     champion = _champion_runs(registry_uri, model_name, examples, test)
     if champion is not None:
         version, champion_run = champion
@@ -187,7 +187,7 @@ def distillation_summary(
     return summary
 
 
-def _distillation_markdown(d: dict) -> str:
+def distillation_markdown(d: dict) -> str:
     def p(value: float | None) -> str:
         return "" if value is None else f"{value:.2g}"
 
