@@ -87,13 +87,15 @@ def copy_feature_store(source: Path, target: Path) -> Path:
 
 
 def run(run_dir: Path, out_dir: Path, overrides: dict[str, object]) -> dict[str, Any]:
-    from fusionrank.champion import distillation_markdown, distillation_summary, frame_run, read_split_frames
-    from fusionrank.ranker import examples_from_frames
-    from fusionrank.steps import biencoder_step, read_frames
+    from fusionrank.champion import distillation_markdown, frames_distillation
+    from fusionrank.steps import biencoder_step
 
     missing = [p for p in RUN_INPUTS + TEACHER_INPUTS if not (run_dir / p).exists()]
     if missing:
         raise ConfigError(f"{run_dir}: no run that trained the cross-encoder (missing {', '.join(missing)})")
+    mode = json.loads((run_dir / "finetune-bert" / "scored_frames" / "frames.json").read_text())["mode"]
+    if mode != "search":
+        raise ConfigError(f"{run_dir}: a {mode} run; the distillation figure needs BM25 (a search run)")
     arguments = step_arguments(run_dir, overrides)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = copy_feature_store(run_dir / "features" / "feature_store", out_dir / "feature_store")
@@ -123,11 +125,7 @@ def run(run_dir: Path, out_dir: Path, overrides: dict[str, object]) -> dict[str,
         teacher_scale=arguments["bi_teacher_scale"],
     )
     seconds = time.perf_counter() - started
-    frames = out_dir / "dense_frames"
-    valid, _ = read_frames(frames, "valid")
-    test, contexts, qrels = read_split_frames(frames, "test")
-    runs = {c[2:]: frame_run(test, test[c]) for c in test.columns if c.startswith("s_")}
-    summary = distillation_summary(examples_from_frames(test, contexts, qrels), runs, (valid, test))
+    summary = frames_distillation(out_dir / "dense_frames")
     result = {
         "run": str(run_dir),
         "arguments": arguments,

@@ -153,7 +153,9 @@ def test_the_distillation_benchmark_retrains_the_student_on_a_run_without_writin
     given = ["--run", str(run_dir), "--out", str(tmp_path / "refused")]
     assert bench.main([*given, "-p", "bi_teacher_scale=big"]) == 2
     assert bench.main([*given, "-p", "candidates_k=5"]) == 2
-    assert "candidates_k" in capsys.readouterr().err
+    refusals = capsys.readouterr().err
+    assert "candidates_k" in refusals
+    assert "bi_teacher_scale" in refusals
     out = tmp_path / "weighted"
     args = ["--run", str(run_dir), "--out", str(out), "-p", "bi_distill_weight=3", "-p", "bi_teacher_scale=2"]
     assert bench.main(args) == 0

@@ -73,11 +73,7 @@ def evaluate_candidate(scored_dir: Path, fusion_dir: Path, registry_uri: str, mo
     valid = pd.read_parquet(scored_dir / "valid.parquet")
     examples = examples_from_frames(test, contexts, qrels)
     models, selected = _fusion_models(fusion_dir)
-    runs = {
-        column.removeprefix(SIGNAL_PREFIX): frame_run(test, test[column])
-        for column in test.columns
-        if column.startswith(SIGNAL_PREFIX)
-    }
+    runs = signal_runs(test)
     for kind, model in models.items():
         runs[f"fusion:{kind}"] = fused_run(model, test)
     # chosen on the validation split, not on the test split it is compared on
@@ -134,6 +130,22 @@ def evaluate_candidate(scored_dir: Path, fusion_dir: Path, registry_uri: str, mo
 TEACHER, STUDENT, LEXICAL = "bert", "dense", "bm25"
 RECOVERY_TARGET = 0.8
 ALONE, FUSED = "alone", f"fused with {LEXICAL}"
+
+
+def signal_runs(test: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """Each signal's ranking of a frame's candidates, by signal name (`s_bm25` -> `bm25`)."""
+    return {
+        column.removeprefix(SIGNAL_PREFIX): frame_run(test, test[column])
+        for column in test.columns
+        if column.startswith(SIGNAL_PREFIX)
+    }
+
+
+def frames_distillation(scored_dir: Path) -> dict | None:
+    """The distillation figure of a folder of scored frames, as `evaluate_candidate` reports it."""
+    test, contexts, qrels = read_split_frames(scored_dir, "test")
+    valid = pd.read_parquet(scored_dir / "valid.parquet")
+    return distillation_summary(examples_from_frames(test, contexts, qrels), signal_runs(test), (valid, test))
 
 
 def distillation_summary(
