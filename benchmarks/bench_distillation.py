@@ -1,7 +1,8 @@
 """The distillation figure of issue #11 for other bi-encoder settings, on a finished run's cross-encoder.
 
     .venv/bin/python benchmarks/bench_distillation.py --run RUN_DIR --out OUT_DIR \
-        [-p bi_distill_weight=5] [-p bi_teacher_scale=10] [-p bi_max_train_samples=0] [-p bi_epochs=2] ...
+        [-p bi_distill_weight=5] [-p bi_teacher_scale=10] [-p bi_group_size=16] \
+        [-p bi_max_train_samples=0] [-p bi_epochs=2] ...
 
 RUN_DIR is a kfp.local run folder of the training pipeline that got as far as the cross-encoder
 (`fusionrank run --local --home H` writes H/runs/fusionrank-training-<timestamp>). Its bi-encoder step
@@ -46,6 +47,7 @@ STEP_PARAMS = (
     "bi_max_train_samples",
     "bi_distill_weight",
     "bi_teacher_scale",
+    "bi_group_size",
     "embed_max_products",
     "hybrid_k",
     "int8_serving",
@@ -123,6 +125,7 @@ def run(run_dir: Path, out_dir: Path, overrides: dict[str, object]) -> dict[str,
         arguments["user_vectors_max"],
         distill_weight=arguments["bi_distill_weight"],
         teacher_scale=arguments["bi_teacher_scale"],
+        group_size=arguments["bi_group_size"],
     )
     seconds = time.perf_counter() - started
     summary = frames_distillation(out_dir / "dense_frames")

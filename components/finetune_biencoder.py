@@ -26,6 +26,7 @@ def finetune_biencoder(
     user_vectors_max: int,
     distill_weight: float,
     teacher_scale: float,
+    group_size: int,
     all_signals: Output[Model],
     dense_frames: Output[Dataset],
     metrics: Output[Metrics],
@@ -56,6 +57,7 @@ def finetune_biencoder(
         user_vectors_max,
         distill_weight,
         teacher_scale,
+        group_size,
     )
     for name, value in figures.items():
         metrics.log_metric(name.replace("@", "_at_"), value)

@@ -112,6 +112,7 @@ def training_pipeline(
     bi_max_train_samples: int = 0,
     bi_distill_weight: float = 1.0,
     bi_teacher_scale: float = 1.0,
+    bi_group_size: int = 8,
     embed_max_products: int = 0,
     user_vectors_max: int = -1,
     hybrid_k: int = 20,
@@ -217,6 +218,7 @@ def training_pipeline(
             user_vectors_max=user_vectors_max,
             distill_weight=bi_distill_weight,
             teacher_scale=bi_teacher_scale,
+            group_size=bi_group_size,
         ).set_caching_options(True),
         HEAVY,
     )

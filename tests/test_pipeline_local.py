@@ -157,14 +157,25 @@ def test_the_distillation_benchmark_retrains_the_student_on_a_run_without_writin
     assert "candidates_k" in refusals
     assert "bi_teacher_scale" in refusals
     out = tmp_path / "weighted"
-    args = ["--run", str(run_dir), "--out", str(out), "-p", "bi_distill_weight=3", "-p", "bi_teacher_scale=2"]
+    args = [
+        "--run",
+        str(run_dir),
+        "--out",
+        str(out),
+        "-p",
+        "bi_distill_weight=3",
+        "-p",
+        "bi_teacher_scale=2",
+        "-p",
+        "bi_group_size=5",
+    ]
     assert bench.main(args) == 0
     assert "Distillation: the bi-encoder against its teacher" in capsys.readouterr().out
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["arguments"]["bi_max_length"] == SMALL["bi_max_length"]  # the run's, not the default
     settings = json.loads((out / "signals" / "dense" / "model" / "biencoder.json").read_text())["settings"]
-    assert (settings["distill_weight"], settings["teacher_scale"]) == (3.0, 2.0)
+    assert (settings["distill_weight"], settings["teacher_scale"], settings["group_size"]) == (3.0, 2.0, 5)
     assert settings["max_length"] == SMALL["bi_max_length"]
     # the same BM25 on the same test requests as the run's own figure; only the student changed
     run_figure = json.loads(approved.artifact("evaluate", "evaluation").read_text())["distillation"]

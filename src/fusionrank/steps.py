@@ -674,6 +674,7 @@ def biencoder_step(
     user_vectors_max: int = -1,
     distill_weight: float = 1.0,
     teacher_scale: float = 1.0,
+    group_size: int = 8,
 ) -> dict[str, float]:
     """Distil the fine-tuned cross-encoder into a bi-encoder; add the dense signal to the run.
 
@@ -717,6 +718,7 @@ def biencoder_step(
         learning_rate=learning_rate,
         distill_weight=distill_weight,
         teacher_scale=teacher_scale,
+        group_size=group_size,
         seed=seed,
     )
     frames = {which: read_frames(scored_dir, which) for which in EVAL_SPLITS}
