@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_distillation.py --run RUN_DIR --out OUT_DIR \
         [-p bi_distill_weight=5] [-p bi_teacher_scale=10] [-p bi_group_size=16] \
-        [-p bi_max_train_samples=0] [-p bi_epochs=2] ...
+        [-p bi_negatives=30 -p bi_distill_loss=listwise] [-p bi_max_train_samples=0] [-p bi_epochs=2] ...
 
 RUN_DIR is a kfp.local run folder of the training pipeline that got as far as the cross-encoder
 (`fusionrank run --local --home H` writes H/runs/fusionrank-training-<timestamp>). Its bi-encoder step
@@ -48,6 +48,9 @@ STEP_PARAMS = (
     "bi_distill_weight",
     "bi_teacher_scale",
     "bi_group_size",
+    "bi_negatives",
+    "bi_hard_pool",
+    "bi_distill_loss",
     "embed_max_products",
     "hybrid_k",
     "int8_serving",
@@ -89,6 +92,7 @@ def copy_feature_store(source: Path, target: Path) -> Path:
 
 
 def run(run_dir: Path, out_dir: Path, overrides: dict[str, object]) -> dict[str, Any]:
+    from fusionrank.biencoder import BiEncoderConfig
     from fusionrank.champion import distillation_markdown, frames_distillation
     from fusionrank.steps import biencoder_step
 
@@ -99,6 +103,12 @@ def run(run_dir: Path, out_dir: Path, overrides: dict[str, object]) -> dict[str,
     if mode != "search":
         raise ConfigError(f"{run_dir}: a {mode} run; the distillation figure needs BM25 (a search run)")
     arguments = step_arguments(run_dir, overrides)
+    BiEncoderConfig(  # impossible settings are refused before anything is written
+        group_size=arguments["bi_group_size"],
+        distill_weight=arguments["bi_distill_weight"],
+        teacher_scale=arguments["bi_teacher_scale"],
+        distill_loss=arguments["bi_distill_loss"],
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     store = copy_feature_store(run_dir / "features" / "feature_store", out_dir / "feature_store")
     started = time.perf_counter()
@@ -126,6 +136,9 @@ def run(run_dir: Path, out_dir: Path, overrides: dict[str, object]) -> dict[str,
         distill_weight=arguments["bi_distill_weight"],
         teacher_scale=arguments["bi_teacher_scale"],
         group_size=arguments["bi_group_size"],
+        negatives=arguments["bi_negatives"],
+        hard_pool=arguments["bi_hard_pool"],
+        distill_loss=arguments["bi_distill_loss"],
     )
     seconds = time.perf_counter() - started
     summary = frames_distillation(out_dir / "dense_frames")

@@ -27,6 +27,9 @@ def finetune_biencoder(
     distill_weight: float,
     teacher_scale: float,
     group_size: int,
+    negatives: int,
+    hard_pool: int,
+    distill_loss: str,
     all_signals: Output[Model],
     dense_frames: Output[Dataset],
     metrics: Output[Metrics],
@@ -58,6 +61,9 @@ def finetune_biencoder(
         distill_weight,
         teacher_scale,
         group_size,
+        negatives,
+        hard_pool,
+        distill_loss,
     )
     for name, value in figures.items():
         metrics.log_metric(name.replace("@", "_at_"), value)

@@ -55,6 +55,7 @@ def toy_pairs(groups: int = 40, teacher: bool = True) -> pd.DataFrame:
         ("teacher_scale", 0.0),
         ("max_length", 2),
         ("group_size", 0),
+        ("distill_loss", "pairwise"),
     ],
 )
 def test_impossible_settings_are_refused_with_their_name(field: str, value: object) -> None:
@@ -62,17 +63,22 @@ def test_impossible_settings_are_refused_with_their_name(field: str, value: obje
         BiEncoderConfig(**{field: value})
 
 
-def test_training_learns_the_toy_task_and_saves_a_loadable_checkpoint(tiny: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("distill_loss", ["margin_mse", "listwise"])
+def test_training_learns_the_toy_task_and_saves_a_loadable_checkpoint(
+    tiny: Path, tmp_path: Path, distill_loss: str
+) -> None:
     pairs = toy_pairs()
     before = BiEncoder.load(tiny)
     untrained = dense_pair_scores(before, pairs["context"].tolist(), pairs["text"].tolist())
-    config = BiEncoderConfig(batch_size=8, epochs=4, learning_rate=2e-3, early_stopping_patience=4)
+    config = BiEncoderConfig(
+        batch_size=8, epochs=4, learning_rate=2e-3, early_stopping_patience=4, distill_loss=distill_loss
+    )
     record = finetune_bi_encoder(pairs, pairs.drop(columns="teacher"), tiny, tmp_path / "bi", config)
 
     assert record["distilled"] is True
     assert record["train_groups"] == 40
     first, last = record["epochs"][0], record["epochs"][-1]
-    assert last["train_margin_mse"] < first["train_margin_mse"]
+    assert last["train_distill"] < first["train_distill"]
     assert (tmp_path / "bi" / "biencoder.json").is_file()
     trained = BiEncoder.load(tmp_path / "bi")
     scores = dense_pair_scores(trained, pairs["context"].tolist(), pairs["text"].tolist())
@@ -88,7 +94,7 @@ def test_without_a_teacher_only_the_contrastive_loss_trains(tiny: Path, tmp_path
     config = BiEncoderConfig(batch_size=8, epochs=1)
     record = finetune_bi_encoder(toy_pairs(teacher=False), None, tiny, tmp_path / "bi", config)
     assert record["distilled"] is False
-    assert record["epochs"][0]["train_margin_mse"] == 0.0
+    assert record["epochs"][0]["train_distill"] == 0.0
 
 
 def test_groups_without_a_positive_are_skipped_and_none_at_all_is_an_error(
@@ -152,6 +158,43 @@ def test_margin_mse_compares_the_students_margins_with_the_scaled_teachers(scale
     student = torch.stack([anchor - products[1] @ query[0], anchor - products[2] @ query[0]]) / 0.5
     wanted = torch.tensor([1.0, 1.75]) * scale  # the teacher's margins of the anchor over each other
     assert margin.item() == pytest.approx(((student - wanted) ** 2).mean().item(), rel=1e-5)
+
+
+def two_groups() -> pd.DataFrame:
+    """Two groups of different lengths (3 and 2 pairs), so the listwise loss pads the shorter one."""
+    return pd.DataFrame(
+        {
+            "context": ["q"] * 3 + ["r"] * 2,
+            "text": ["best", "fair", "bad", "right", "wrong"],
+            "label": [2.0, 0.0, 0.0, 1.0, 0.0],
+            "group": ["g"] * 3 + ["h"] * 2,
+            "teacher": [1.5, 0.5, -0.25, 0.75, 0.0],
+        }
+    )
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_listwise_loss_is_the_kl_from_the_scaled_teachers_distribution_over_each_group(scale: float) -> None:
+    config = BiEncoderConfig(temperature=0.5, teacher_scale=scale, distill_loss="listwise")
+    groups = _training_groups(two_groups(), config, np.random.default_rng(0))
+    query = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=-1)
+    products = torch.nn.functional.normalize(
+        torch.tensor([[0.8, 0.6], [0.6, 0.8], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1
+    )
+    _, listwise = _group_loss(query, products, [0, 1], groups, config)
+    expected = []
+    for row, (start, end) in enumerate([(0, 3), (3, 5)]):
+        target = torch.softmax(torch.as_tensor(groups.teacher[row], dtype=torch.float32) * scale, dim=0)
+        own = torch.log_softmax(products[start:end] @ query[row] / 0.5, dim=0)
+        expected.append((target * (target.log() - own)).sum())
+    assert listwise.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    assert listwise.item() > 0
+    # a student whose scores are the teacher's (up to a constant per group) has nothing left to learn
+    matching = groups.teacher[0] * scale / 4 + 0.1  # the student's logits below: 2 * matching / 0.5
+    one = _training_groups(two_groups().iloc[:3], config, np.random.default_rng(0))
+    products = torch.as_tensor(np.c_[matching, np.ones(3)], dtype=torch.float32)
+    _, zero = _group_loss(torch.tensor([[2.0, 0.0]]), products, [0], one, config)
+    assert zero.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_encodings_are_unit_length_in_input_order_and_int8_stays_close(tiny: Path) -> None:

@@ -9,8 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fusionrank.data.contract import Tables
 from fusionrank.orchestration import SMOKE_PARAMS, LocalRun, run_local
 from fusionrank.registry import Registry, local_registry_uri
+from fusionrank.steps import read_splits, training_pairs
 from pipelines.training import DEFAULT_GATE
 
 pytestmark = pytest.mark.slow
@@ -153,9 +155,12 @@ def test_the_distillation_benchmark_retrains_the_student_on_a_run_without_writin
     given = ["--run", str(run_dir), "--out", str(tmp_path / "refused")]
     assert bench.main([*given, "-p", "bi_teacher_scale=big"]) == 2
     assert bench.main([*given, "-p", "candidates_k=5"]) == 2
+    assert bench.main([*given, "-p", "bi_distill_loss=pairwise"]) == 2
     refusals = capsys.readouterr().err
     assert "candidates_k" in refusals
     assert "bi_teacher_scale" in refusals
+    assert "distill_loss must be one of margin_mse, listwise" in refusals
+    assert not (tmp_path / "refused").exists()
     out = tmp_path / "weighted"
     args = [
         "--run",
@@ -168,6 +173,10 @@ def test_the_distillation_benchmark_retrains_the_student_on_a_run_without_writin
         "bi_teacher_scale=2",
         "-p",
         "bi_group_size=5",
+        "-p",
+        "bi_negatives=0",
+        "-p",
+        "bi_distill_loss=listwise",
     ]
     assert bench.main(args) == 0
     assert "Distillation: the bi-encoder against its teacher" in capsys.readouterr().out
@@ -176,6 +185,13 @@ def test_the_distillation_benchmark_retrains_the_student_on_a_run_without_writin
     assert summary["arguments"]["bi_max_length"] == SMALL["bi_max_length"]  # the run's, not the default
     settings = json.loads((out / "signals" / "dense" / "model" / "biencoder.json").read_text())["settings"]
     assert (settings["distill_weight"], settings["teacher_scale"], settings["group_size"]) == (3.0, 2.0, 5)
+    assert settings["distill_loss"] == "listwise"
+    # no unjudged negatives: the teacher scored the judged pairs of the sampled queries and nothing more
+    _, parts = read_splits(run_dir / "split" / "splits")
+    tables = Tables.read(run_dir / "ingest" / "dataset")
+    seed = summary["arguments"]["seed"]
+    judged = training_pairs(tables, "search", parts["train"], SMALL["bi_max_train_samples"], seed)
+    assert summary["figures"]["train_pairs"] == len(judged)
     assert settings["max_length"] == SMALL["bi_max_length"]
     # the same BM25 on the same test requests as the run's own figure; only the student changed
     run_figure = json.loads(approved.artifact("evaluate", "evaluation").read_text())["distillation"]

@@ -169,5 +169,5 @@ def test_every_pipeline_parameter_reaches_a_task(spec):
     walk(ir["root"]["dag"])
     assert set(ir["root"]["inputDefinitions"]["parameters"]) - read == set(), "parameters no task reads"
     _, bi = all_tasks(ir)["finetune-biencoder"]
-    for name in ("distill_weight", "teacher_scale", "group_size"):
+    for name in ("distill_weight", "teacher_scale", "group_size", "negatives", "hard_pool", "distill_loss"):
         assert bi["inputs"]["parameters"][name] == {"componentInputParameter": f"bi_{name}"}

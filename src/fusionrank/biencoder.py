@@ -7,6 +7,8 @@ over the whole catalog. The fine-tuned cross-encoder's knowledge reaches it by d
 loss (Hofstätter et al. 2020, "Improving Efficient Neural Ranking Models with Cross-Architecture Knowledge
 Distillation") makes the bi-encoder's score margin between the positive and each other product of a group
 match the cross-encoder's margin, beside an in-batch contrastive loss over every product of the batch.
+A listwise loss (`BiEncoderConfig.distill_loss`) makes the student's score distribution over a group's
+whole list match the teacher's instead.
 
 Like `fusionrank.bert`, this module needs torch, transformers, numpy and pandas only, so the same code
 trains on a GPU node (bf16) and, with a tiny model, on a CPU in tests.
@@ -50,6 +52,7 @@ from fusionrank.errors import ConfigError
 
 BIENCODER_JSON = "biencoder.json"
 TEACHER_COLUMN = "teacher"
+DISTILL_LOSSES = ("margin_mse", "listwise")
 
 
 @dataclass
@@ -64,6 +67,11 @@ class BiEncoderConfig:
     student's scores lie up to 2 / `temperature` apart (40 at 0.05), a regression cross-encoder's within
     about the label range (1.5 on Home Depot), so at 1 the margin-MSE pulls the student's margins far below
     the ones the contrastive loss asks for.
+    `distill_loss` picks the distillation term: "margin_mse" compares each non-anchor's margin below the
+    anchor, teacher's against student's (Hofstaetter et al. 2020); "listwise" is the KL divergence from the
+    teacher's score distribution over a group (softmax of `teacher_scale` x its scores) to the student's
+    (softmax of its cosine / `temperature`), which teaches the order of the whole list a group holds, as
+    RocketQAv2's listwise distillation does (Ren et al. 2021).
     """
 
     max_length: int = 48
@@ -76,6 +84,7 @@ class BiEncoderConfig:
     temperature: float = 0.05
     distill_weight: float = 1.0
     teacher_scale: float = 1.0
+    distill_loss: str = "margin_mse"
     seed: int = 0
     max_train_groups: int | None = None
     max_steps: int | None = None
@@ -101,6 +110,9 @@ class BiEncoderConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 problems.append(f"{name} must be zero or positive, got {value}")
+        if self.distill_loss not in DISTILL_LOSSES:
+            known = ", ".join(DISTILL_LOSSES)
+            problems.append(f"distill_loss must be one of {known}, got {self.distill_loss!r}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         for name in ("max_train_groups", "max_steps"):
@@ -288,7 +300,7 @@ def _group_loss(
     groups: _Groups,
     config: BiEncoderConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(contrastive, margin-MSE) losses of one batch of groups.
+    """(contrastive, distillation) losses of one batch of groups (distillation: `config.distill_loss`).
 
     `query` holds one embedding per group, `products` every text of the batch, groups concatenated in
     batch order. Each context's target is its anchor among all the batch's products; the other relevant
@@ -311,13 +323,34 @@ def _group_loss(
         scores = groups.teacher[g]
         if len(scores) < 2 or np.isnan(scores).any():
             continue
-        own = logits[row, start : start + len(scores)]
-        student.append(own[0] - own[1:])
-        margins = config.teacher_scale * (scores[0] - scores[1:])
-        teacher.append(torch.as_tensor(margins, dtype=torch.float32, device=device))
+        student.append(logits[row, start : start + len(scores)])
+        teacher.append(torch.as_tensor(config.teacher_scale * scores, dtype=torch.float32, device=device))
     if not student or config.distill_weight == 0:
         return contrastive, logits.new_zeros(())
-    return contrastive, functional.mse_loss(torch.cat(student), torch.cat(teacher))
+    if config.distill_loss == "listwise":
+        return contrastive, _listwise_kl(student, teacher)
+    student_margins = torch.cat([own[0] - own[1:] for own in student])
+    teacher_margins = torch.cat([own[0] - own[1:] for own in teacher])
+    return contrastive, functional.mse_loss(student_margins, teacher_margins)
+
+
+def _listwise_kl(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over groups of KL(softmax(teacher) || softmax(student)), each group its own list of logits.
+
+    Groups differ in length, so they are padded to the longest with -inf (a padded slot has probability 0
+    on both sides and adds nothing).
+    """
+    width = max(len(own) for own in student)
+    padded_student = student[0].new_full((len(student), width), float("-inf"))
+    padded_teacher = padded_student.new_full((len(teacher), width), float("-inf"))
+    for row, (own, target) in enumerate(zip(student, teacher, strict=True)):
+        padded_student[row, : len(own)] = own
+        padded_teacher[row, : len(target)] = target
+    log_student = functional.log_softmax(padded_student, dim=-1)
+    log_teacher = functional.log_softmax(padded_teacher, dim=-1)
+    real = torch.isfinite(padded_teacher)
+    terms = torch.where(real, log_teacher.exp() * (log_teacher - log_student), torch.zeros_like(log_student))
+    return terms.sum(dim=-1).mean()
 
 
 def evaluate_dense(encoder: BiEncoder, frame: pd.DataFrame) -> dict[str, float]:
@@ -426,15 +459,15 @@ def finetune_bi_encoder(
                 products = encoder._pooled(
                     text_tokens, text_index, int(text_tokens.lengths[text_index.cpu().numpy()].max())
                 )
-            contrastive, margin = _group_loss(query.float(), products.float(), batch, groups, config)
-            loss = contrastive + config.distill_weight * margin
+            contrastive, distill = _group_loss(query.float(), products.float(), batch, groups, config)
+            loss = contrastive + config.distill_weight * distill
             loss.backward()
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(torch.stack([loss.detach(), contrastive.detach(), margin.detach()]))
+            losses.append(torch.stack([loss.detach(), contrastive.detach(), distill.detach()]))
             step += 1
             if step >= total_steps:
                 break
@@ -444,7 +477,7 @@ def finetune_bi_encoder(
             "steps": step,
             "train_loss": means[0],
             "train_contrastive": means[1],
-            "train_margin_mse": means[2],
+            "train_distill": means[2],
             "train_seconds": time.perf_counter() - epoch_start,
         }
         if valid is not None and len(valid):

@@ -675,12 +675,17 @@ def biencoder_step(
     distill_weight: float = 1.0,
     teacher_scale: float = 1.0,
     group_size: int = 8,
+    negatives: int = 7,
+    hard_pool: int = 30,
+    distill_loss: str = "margin_mse",
 ) -> dict[str, float]:
     """Distil the fine-tuned cross-encoder into a bi-encoder; add the dense signal to the run.
 
-    The bi-encoder trains on the cross-encoder's training pairs (same hard negatives) with the
-    cross-encoder's scores as the teacher (margin-MSE) beside in-batch negatives, keeping the epoch with
-    the best NDCG@10 on the validation candidates. The catalog's embeddings are saved with the model as
+    The bi-encoder trains on training pairs built as the cross-encoder's are (`training_pairs`: judged
+    pairs plus `negatives` unjudged products of the retriever's top `hard_pool`; 7 of 30 as for the
+    cross-encoder unless set) with the cross-encoder's scores as the teacher (`distill_loss`: margin-MSE
+    or listwise KL) beside in-batch negatives, keeping the epoch with the best NDCG@10 on the validation
+    candidates. The catalog's embeddings are saved with the model as
     the `dense` signal, written beside the traditional signals (`out_signals_dir`). The scored frames gain
     `s_dense` for every candidate; with `hybrid_k` > 0 a search request's candidates also gain the dense
     retriever's top `hybrid_k` that BM25 missed (hybrid retrieval), scored by every signal. Returns training
@@ -700,17 +705,11 @@ def biencoder_step(
     from fusionrank.signals.base import load_signal
     from fusionrank.signals.dense import DenseSignal
 
-    tables = Tables.read(dataset_dir)
-    mode, parts = read_splits(splits_dir)
-    titles = dict(
-        zip(tables.products["product_id"].astype(str), tables.products["title"].astype(str), strict=True)
-    )
-    signals = {p.name: load_signal(p) for p in sorted(Path(signals_dir).iterdir()) if p.is_dir()}
-    retriever = signals["bm25" if mode == "search" else "item_knn"]
-    teacher = CrossEncoder.load(bert_dir)
-    pairs = training_pairs(tables, mode, parts["train"], max_train_samples, seed, retriever=retriever)
-    pairs["teacher"] = teacher.score(pairs["context"].tolist(), pairs["text"].tolist())
-    valid_frame, valid_contexts = read_frames(scored_dir, "valid")
+    if negatives < 0 or hard_pool < 1:
+        raise ConfigError(
+            f"bi-encoder negatives must be 0 or more and hard_pool at least 1, got {negatives} and "
+            f"{hard_pool}"
+        )
     config = BiEncoderConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -719,8 +718,29 @@ def biencoder_step(
         distill_weight=distill_weight,
         teacher_scale=teacher_scale,
         group_size=group_size,
+        distill_loss=distill_loss,
         seed=seed,
     )
+    tables = Tables.read(dataset_dir)
+    mode, parts = read_splits(splits_dir)
+    titles = dict(
+        zip(tables.products["product_id"].astype(str), tables.products["title"].astype(str), strict=True)
+    )
+    signals = {p.name: load_signal(p) for p in sorted(Path(signals_dir).iterdir()) if p.is_dir()}
+    retriever = signals["bm25" if mode == "search" else "item_knn"]
+    teacher = CrossEncoder.load(bert_dir)
+    pairs = training_pairs(
+        tables,
+        mode,
+        parts["train"],
+        max_train_samples,
+        seed,
+        retriever=retriever,
+        negatives=negatives,
+        hard_pool=hard_pool,
+    )
+    pairs["teacher"] = teacher.score(pairs["context"].tolist(), pairs["text"].tolist())
+    valid_frame, valid_contexts = read_frames(scored_dir, "valid")
     frames = {which: read_frames(scored_dir, which) for which in EVAL_SPLITS}
     with tempfile.TemporaryDirectory(prefix="fusionrank-biencoder-") as scratch:
         if tiny_model:
@@ -747,6 +767,7 @@ def biencoder_step(
     out = Path(out_scored_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, float] = {
+        "train_pairs": float(len(pairs)),
         "train_groups": float(metrics["train_groups"]),
         "embedded_products": float(len(dense.index)),
         "catalog_coverage": dense.coverage,
