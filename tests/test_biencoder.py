@@ -180,12 +180,14 @@ def test_listwise_loss_is_the_kl_from_the_scaled_teachers_distribution_over_each
     query = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=-1)
     products = torch.nn.functional.normalize(
         torch.tensor([[0.8, 0.6], [0.6, 0.8], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1
-    )
+    ).requires_grad_()
     _, listwise = _group_loss(query, products, [0, 1], groups, config)
+    listwise.backward()
+    assert torch.isfinite(products.grad).all()  # the shorter group's padding passes no NaN back
     expected = []
     for row, (start, end) in enumerate([(0, 3), (3, 5)]):
         target = torch.softmax(torch.as_tensor(groups.teacher[row], dtype=torch.float32) * scale, dim=0)
-        own = torch.log_softmax(products[start:end] @ query[row] / 0.5, dim=0)
+        own = torch.log_softmax(products.detach()[start:end] @ query[row] / 0.5, dim=0)
         expected.append((target * (target.log() - own)).sum())
     assert listwise.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
     assert listwise.item() > 0
