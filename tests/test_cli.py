@@ -112,6 +112,16 @@ def test_pipeline_parameters_are_read_as_yaml_and_typed_as_the_pipeline_declares
         parse_params(["nope=1"])
     with pytest.raises(ConfigError, match="key=value"):
         parse_params(["max_users"])
+    assert parse_params(["bi_distill_loss=listwise"]) == {"bi_distill_loss": "listwise"}
+    with pytest.raises(ConfigError, match="'bi_distill_loss' takes one of margin_mse, listwise, got 'kl'"):
+        parse_params(["bi_distill_loss=kl"])
+
+
+def test_the_loss_names_the_cli_accepts_are_the_bi_encoders() -> None:
+    from fusionrank.biencoder import DISTILL_LOSSES
+    from fusionrank.orchestration import CHOICE_PARAMS
+
+    assert CHOICE_PARAMS["bi_distill_loss"] == DISTILL_LOSSES
 
 
 @pytest.mark.slow

@@ -90,6 +90,12 @@ STEP_ORDER = (
 )
 
 
+# Parameters that take one of a few names, checked before a run starts rather than when its step reads them
+# (the bi-encoder's loss is read after the cross-encoder has trained). `fusionrank.biencoder.DISTILL_LOSSES`
+# is the source of these names; a test keeps the two equal, so parsing needs no torch import.
+CHOICE_PARAMS: dict[str, tuple[str, ...]] = {"bi_distill_loss": ("margin_mse", "listwise")}
+
+
 def parse_params(pairs: list[str]) -> dict[str, object]:
     """`key=value` strings as pipeline arguments; values are read as YAML (numbers, booleans, mappings)."""
     from pipelines.training import training_pipeline
@@ -111,6 +117,8 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
                 value = float(value)
             except (TypeError, ValueError):
                 raise ConfigError(f"parameter {key!r} takes a number, got {raw!r}") from None
+        if key in CHOICE_PARAMS and value not in CHOICE_PARAMS[key]:
+            raise ConfigError(f"parameter {key!r} takes one of {', '.join(CHOICE_PARAMS[key])}, got {raw!r}")
         params[key] = value
     return params
 
