@@ -94,7 +94,7 @@ def copy_feature_store(source: Path, target: Path) -> Path:
 def run(run_dir: Path, out_dir: Path, overrides: dict[str, object]) -> dict[str, Any]:
     from fusionrank.biencoder import BiEncoderConfig
     from fusionrank.champion import distillation_markdown, frames_distillation
-    from fusionrank.steps import biencoder_step
+    from fusionrank.steps import biencoder_step, check_negatives
 
     missing = [p for p in RUN_INPUTS + TEACHER_INPUTS if not (run_dir / p).exists()]
     if missing:
@@ -109,6 +109,7 @@ def run(run_dir: Path, out_dir: Path, overrides: dict[str, object]) -> dict[str,
         teacher_scale=arguments["bi_teacher_scale"],
         distill_loss=arguments["bi_distill_loss"],
     )
+    check_negatives(arguments["bi_negatives"], arguments["bi_hard_pool"])
     out_dir.mkdir(parents=True, exist_ok=True)
     store = copy_feature_store(run_dir / "features" / "feature_store", out_dir / "feature_store")
     started = time.perf_counter()

@@ -157,11 +157,13 @@ def test_the_distillation_benchmark_retrains_the_student_on_a_run_without_writin
     assert bench.main([*given, "-p", "candidates_k=5"]) == 2
     assert bench.main([*given, "-p", "bi_distill_loss=pairwise"]) == 2
     assert bench.main([*given, "-p", "bi_group_size=0"]) == 2
+    assert bench.main([*given, "-p", "bi_hard_pool=0"]) == 2
     refusals = capsys.readouterr().err
     assert "candidates_k" in refusals
     assert "bi_teacher_scale" in refusals
     assert "'bi_distill_loss' takes one of margin_mse, listwise" in refusals
     assert "group_size must be at least 1" in refusals
+    assert "hard_pool at least 1" in refusals
     assert not (tmp_path / "refused").exists()
     out = tmp_path / "weighted"
     args = [

@@ -352,6 +352,15 @@ def read_frames(frames_dir: str | Path, which: str) -> tuple[pd.DataFrame, pd.Da
 # 4. BERT
 
 
+def check_negatives(negatives: int, hard_pool: int) -> None:
+    """Refuse a count of unjudged negatives below 0 or a retriever pool below 1, naming both."""
+    if negatives < 0 or hard_pool < 1:
+        raise ConfigError(
+            f"bi-encoder negatives must be 0 or more and hard_pool at least 1, got {negatives} and "
+            f"{hard_pool}"
+        )
+
+
 def training_pairs(
     tables: Tables,
     mode: str,
@@ -705,11 +714,7 @@ def biencoder_step(
     from fusionrank.signals.base import load_signal
     from fusionrank.signals.dense import DenseSignal
 
-    if negatives < 0 or hard_pool < 1:
-        raise ConfigError(
-            f"bi-encoder negatives must be 0 or more and hard_pool at least 1, got {negatives} and "
-            f"{hard_pool}"
-        )
+    check_negatives(negatives, hard_pool)
     config = BiEncoderConfig(
         epochs=epochs,
         batch_size=batch_size,
