@@ -548,3 +548,50 @@ def test_a_damaged_precomputed_vector_file_is_named(
     np.save(tmp_path / "dense" / "context_vectors.npy", np.zeros((1, 3), dtype=np.float32))
     with pytest.raises(DataError, match=r"context_vectors\.npy"):
         DenseSignal.load(tmp_path / "dense")
+
+
+class RankedRetriever:
+    """Ranks the catalog p0, p1, ... for every context: the top `k` of that order."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+
+    def retrieve(self, context: Context, k: int) -> list[tuple[str, float]]:
+        return [(pid, float(-rank)) for rank, pid in enumerate(self.ids[:k])]
+
+
+@pytest.mark.parametrize(
+    ("negatives", "hard_pool", "expected"),
+    [(3, 4, {"title 0", "title 2", "title 3"}), (3, 2, {"title 0"}), (0, 30, set()), (2, 30, None)],
+)
+def test_training_pairs_take_unjudged_negatives_from_the_retrievers_top_hard_pool_only(
+    negatives: int, hard_pool: int, expected: set[str] | None
+) -> None:
+    from types import SimpleNamespace
+
+    from fusionrank.steps import training_pairs
+
+    ids = [f"p{i}" for i in range(10)]
+    tables = SimpleNamespace(
+        products=pd.DataFrame({"product_id": ids, "title": [f"title {i}" for i in range(10)]})
+    )
+    train = pd.DataFrame({"query": ["drill", "drill"], "product_id": ["p1", "p5"], "relevance": [3.0, 1.0]})
+    pairs = training_pairs(
+        tables,
+        "search",
+        train,
+        0,
+        0,
+        retriever=RankedRetriever(ids),
+        negatives=negatives,
+        hard_pool=hard_pool,
+    )
+    judged = pairs[pairs["text"].isin({"title 1", "title 5"})]
+    assert sorted(judged["label"]) == [0.0, 2.0]  # gains: relevance - 1
+    unjudged = set(pairs["text"]) - {"title 1", "title 5"}
+    assert (pairs.loc[pairs["text"].isin(unjudged), "label"] == 0.0).all()
+    if expected is not None:
+        assert unjudged == expected
+    else:  # two of the other eight
+        assert len(unjudged) == negatives
+        assert unjudged <= {f"title {i}" for i in (0, 2, 3, 4, 6, 7, 8, 9)}
