@@ -92,9 +92,8 @@ def copy_feature_store(source: Path, target: Path) -> Path:
 
 
 def run(run_dir: Path, out_dir: Path, overrides: dict[str, object]) -> dict[str, Any]:
-    from fusionrank.biencoder import BiEncoderConfig
     from fusionrank.champion import distillation_markdown, frames_distillation
-    from fusionrank.steps import biencoder_step, check_negatives
+    from fusionrank.steps import biencoder_config, biencoder_step
 
     missing = [p for p in RUN_INPUTS + TEACHER_INPUTS if not (run_dir / p).exists()]
     if missing:
@@ -103,13 +102,22 @@ def run(run_dir: Path, out_dir: Path, overrides: dict[str, object]) -> dict[str,
     if mode != "search":
         raise ConfigError(f"{run_dir}: a {mode} run; the distillation figure needs BM25 (a search run)")
     arguments = step_arguments(run_dir, overrides)
-    BiEncoderConfig(  # impossible settings are refused before anything is written
-        group_size=arguments["bi_group_size"],
-        distill_weight=arguments["bi_distill_weight"],
-        teacher_scale=arguments["bi_teacher_scale"],
-        distill_loss=arguments["bi_distill_loss"],
-    )
-    check_negatives(arguments["bi_negatives"], arguments["bi_hard_pool"])
+    settings = [
+        arguments[name]
+        for name in ("bi_epochs", "bi_batch_size", "bi_max_length", "bi_learning_rate", "seed")
+    ]
+    extra = {
+        name: arguments[f"bi_{name}"]
+        for name in (
+            "distill_weight",
+            "teacher_scale",
+            "group_size",
+            "negatives",
+            "hard_pool",
+            "distill_loss",
+        )
+    }
+    biencoder_config(*settings, **extra)  # the step's own check, before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     store = copy_feature_store(run_dir / "features" / "feature_store", out_dir / "feature_store")
     started = time.perf_counter()
@@ -134,12 +142,7 @@ def run(run_dir: Path, out_dir: Path, overrides: dict[str, object]) -> dict[str,
         str(out_dir / "signals"),
         str(out_dir / "dense_frames"),
         arguments["user_vectors_max"],
-        distill_weight=arguments["bi_distill_weight"],
-        teacher_scale=arguments["bi_teacher_scale"],
-        group_size=arguments["bi_group_size"],
-        negatives=arguments["bi_negatives"],
-        hard_pool=arguments["bi_hard_pool"],
-        distill_loss=arguments["bi_distill_loss"],
+        **extra,
     )
     seconds = time.perf_counter() - started
     summary = frames_distillation(out_dir / "dense_frames")

@@ -12,6 +12,7 @@ import pytest
 from fusionrank.data.contract import Tables
 from fusionrank.orchestration import SMOKE_PARAMS, LocalRun, run_local
 from fusionrank.registry import Registry, local_registry_uri
+from fusionrank.signals.base import load_signal
 from fusionrank.steps import read_splits, training_pairs
 from pipelines.training import DEFAULT_GATE
 
@@ -178,7 +179,9 @@ def test_the_distillation_benchmark_retrains_the_student_on_a_run_without_writin
         "-p",
         "bi_group_size=5",
         "-p",
-        "bi_negatives=0",
+        "bi_negatives=2",
+        "-p",
+        "bi_hard_pool=3",
         "-p",
         "bi_distill_loss=listwise",
     ]
@@ -190,12 +193,22 @@ def test_the_distillation_benchmark_retrains_the_student_on_a_run_without_writin
     settings = json.loads((out / "signals" / "dense" / "model" / "biencoder.json").read_text())["settings"]
     assert (settings["distill_weight"], settings["teacher_scale"], settings["group_size"]) == (3.0, 2.0, 5)
     assert settings["distill_loss"] == "listwise"
-    # no unjudged negatives: the teacher scored the judged pairs of the sampled queries and nothing more
+    # the teacher scored the judged pairs of the sampled queries plus up to 2 unjudged of BM25's top 3 each;
+    # the counts with either parameter left at its default (7, 30) differ, so both must have arrived
     _, parts = read_splits(run_dir / "split" / "splits")
     tables = Tables.read(run_dir / "ingest" / "dataset")
+    bm25 = load_signal(run_dir / "candidates" / "signals" / "bm25")
     seed = summary["arguments"]["seed"]
+
+    def pair_count(negatives: int, hard_pool: int) -> int:
+        pairs = training_pairs(
+            tables, "search", parts["train"], SMALL["bi_max_train_samples"], seed, bm25, negatives, hard_pool
+        )
+        return len(pairs)
+
     judged = training_pairs(tables, "search", parts["train"], SMALL["bi_max_train_samples"], seed)
-    assert summary["figures"]["train_pairs"] == len(judged)
+    assert summary["figures"]["train_pairs"] == pair_count(2, 3)
+    assert pair_count(2, 3) not in {len(judged), pair_count(7, 3), pair_count(2, 30)}
     assert settings["max_length"] == SMALL["bi_max_length"]
     # the same BM25 on the same test requests as the run's own figure; only the student changed
     run_figure = json.loads(approved.artifact("evaluate", "evaluation").read_text())["distillation"]

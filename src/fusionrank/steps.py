@@ -352,13 +352,41 @@ def read_frames(frames_dir: str | Path, which: str) -> tuple[pd.DataFrame, pd.Da
 # 4. BERT
 
 
-def check_negatives(negatives: int, hard_pool: int) -> None:
-    """Refuse a count of unjudged negatives below 0 or a retriever pool below 1, naming both."""
+def biencoder_config(
+    epochs: int,
+    batch_size: int,
+    max_length: int,
+    learning_rate: float,
+    seed: int,
+    distill_weight: float = 1.0,
+    teacher_scale: float = 1.0,
+    group_size: int = 8,
+    negatives: int = 7,
+    hard_pool: int = 30,
+    distill_loss: str = "margin_mse",
+):
+    """The bi-encoder step's training settings, every one checked (ConfigError naming it) before any work.
+
+    `negatives` and `hard_pool` are `training_pairs`'s counts, the rest `BiEncoderConfig`'s.
+    """
+    from fusionrank.biencoder import BiEncoderConfig
+
     if negatives < 0 or hard_pool < 1:
         raise ConfigError(
             f"bi-encoder negatives must be 0 or more and hard_pool at least 1, got {negatives} and "
             f"{hard_pool}"
         )
+    return BiEncoderConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        max_length=max_length,
+        learning_rate=learning_rate,
+        distill_weight=distill_weight,
+        teacher_scale=teacher_scale,
+        group_size=group_size,
+        distill_loss=distill_loss,
+        seed=seed,
+    )
 
 
 def training_pairs(
@@ -710,21 +738,22 @@ def biencoder_step(
     import tempfile
 
     from fusionrank.bert import CrossEncoder, default_base_model, make_tiny_bert
-    from fusionrank.biencoder import BiEncoder, BiEncoderConfig, finetune_bi_encoder
+    from fusionrank.biencoder import BiEncoder, finetune_bi_encoder
     from fusionrank.signals.base import load_signal
     from fusionrank.signals.dense import DenseSignal
 
-    check_negatives(negatives, hard_pool)
-    config = BiEncoderConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        max_length=max_length,
-        learning_rate=learning_rate,
-        distill_weight=distill_weight,
-        teacher_scale=teacher_scale,
-        group_size=group_size,
-        distill_loss=distill_loss,
-        seed=seed,
+    config = biencoder_config(
+        epochs,
+        batch_size,
+        max_length,
+        learning_rate,
+        seed,
+        distill_weight,
+        teacher_scale,
+        group_size,
+        negatives,
+        hard_pool,
+        distill_loss,
     )
     tables = Tables.read(dataset_dir)
     mode, parts = read_splits(splits_dir)
