@@ -748,12 +748,12 @@ def biencoder_step(
         max_length,
         learning_rate,
         seed,
-        distill_weight,
-        teacher_scale,
-        group_size,
-        negatives,
-        hard_pool,
-        distill_loss,
+        distill_weight=distill_weight,
+        teacher_scale=teacher_scale,
+        group_size=group_size,
+        negatives=negatives,
+        hard_pool=hard_pool,
+        distill_loss=distill_loss,
     )
     tables = Tables.read(dataset_dir)
     mode, parts = read_splits(splits_dir)
